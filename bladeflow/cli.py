@@ -1,0 +1,218 @@
+"""The ``bladeflow`` command line.
+
+Heavy imports (Prefect, MLflow, ONNX Runtime) happen inside commands, after the settings have
+exported ``PREFECT_HOME`` and friends: importing Prefect earlier would create ``~/.prefect``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from bladeflow.errors import AccuracyGateError, BladeflowError, UserInputError
+from bladeflow.settings import Settings
+
+app = typer.Typer(
+    name="bladeflow",
+    help="Make trained models fast to serve and safe to ship: convert -> optimize -> "
+    "accuracy-validate -> benchmark -> register in MLflow.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+HOME_OPTION = typer.Option(
+    None, "--home", envvar="BLADEFLOW_HOME",
+    help="Data folder for the default SQLite registry, artifacts and Prefect state "
+    "[default: ./.bladeflow].",
+)
+TRACKING_OPTION = typer.Option(
+    None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
+    help="MLflow tracking URI, e.g. http://127.0.0.1:5000 [default: sqlite:///<home>/mlflow.db].",
+)
+
+
+def _say(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def _fail(exc: BladeflowError) -> typer.Exit:
+    kind = {2: "bad input", 3: "accuracy gate failed"}.get(exc.exit_code, "error")
+    _say(f"bladeflow: {kind}: {exc}")
+    return typer.Exit(exc.exit_code)
+
+
+@app.command()
+def optimize(
+    source: str = typer.Argument(..., help="Model to optimize: a .onnx file."),
+    name: str = typer.Option(..., "--name", "-n",
+                             help="Registered model name in MLflow (letters, digits, _ - .)."),
+    data: Path | None = typer.Option(
+        None, "--data", "-d",
+        help="Validation inputs: a .npz with one array per model input, samples along axis 0. "
+        "Without it, inputs are synthesized from the signature (cannot judge quantization).",
+    ),
+    batch_sizes: str = typer.Option("1,8,32", "--batch-sizes", "-b",
+                                    help="Comma-separated batch sizes to benchmark."),
+    objective: str = typer.Option(
+        "latency@1", "--objective",
+        help="What 'fastest' means: latency@BATCH (lowest p50) or throughput@BATCH.",
+    ),
+    passes: str | None = typer.Option(
+        None, "--passes",
+        help="Candidate recipes instead of the preset's: ',' between recipes, '+' between "
+        "passes, ':' then key=value;... for options. E.g. 'ort_graph:level=all'.",
+    ),
+    preset: str = typer.Option("cpu", "--preset", help="Which recipes to try (cpu)."),
+    model_format: str | None = typer.Option(None, "--format",
+                                            help="Source format if not detectable (onnx)."),
+    atol: float = typer.Option(1e-4, "--atol", help="Absolute error allowed per element."),
+    rtol: float = typer.Option(1e-3, "--rtol", help="Error allowed relative to |source|."),
+    min_cosine: float = typer.Option(0.999, "--min-cosine",
+                                     help="Lowest per-sample cosine similarity to the source."),
+    bench_rounds: int = typer.Option(5, "--bench-rounds", help="Interleaved benchmark rounds."),
+    bench_iterations: int = typer.Option(20, "--bench-iterations",
+                                         help="Timed runs per model, batch size and round."),
+    as_json: bool = typer.Option(False, "--json",
+                                 help="Print one JSON object on stdout (progress stays on stderr)."),
+    home: Path | None = HOME_OPTION,
+    tracking_uri: str | None = TRACKING_OPTION,
+) -> None:
+    """Optimize SOURCE and register the fastest candidate that passes the accuracy gate.
+
+    Exit codes: 0 registered; 2 bad input (nothing registered); 3 no candidate passed the
+    accuracy gate (nothing registered; the MLflow run records why); 4 MLflow unusable.
+    """
+    settings = Settings.from_env(home=home, tracking_uri=tracking_uri)
+    settings.apply()
+    try:
+        params = _optimize_params(
+            source=source, name=name, data=str(data) if data else None, format=model_format,
+            batch_sizes=_batch_sizes(batch_sizes), objective=objective, passes=passes,
+            preset=preset, tolerance={"atol": atol, "rtol": rtol, "min_cosine": min_cosine},
+            bench={"rounds": bench_rounds, "iterations": bench_iterations},
+            tracking_uri=settings.tracking_uri,
+        )
+        _preflight(params)
+        result = _run_optimize(params)
+    except BladeflowError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        typer.echo(result.model_dump_json(indent=2))
+    else:
+        _print_result(result, settings)
+
+
+@app.command()
+def demo(
+    home: Path | None = HOME_OPTION,
+    tracking_uri: str | None = TRACKING_OPTION,
+) -> None:
+    """Build a demo encoder and its validation data, optimize and register it, print the table."""
+    from bladeflow.demo import DEMO_NAME, build_demo_data, build_demo_model
+
+    settings = Settings.from_env(home=home, tracking_uri=tracking_uri)
+    settings.apply()
+    folder = settings.home / "demo"
+    model = build_demo_model(folder / "encoder.onnx")
+    data = build_demo_data(folder / "validation.npz")
+    _say(f"demo: built {model} and {data}")
+    try:
+        params = _optimize_params(source=str(model), name=DEMO_NAME, data=str(data),
+                                  tracking_uri=settings.tracking_uri)
+        result = _run_optimize(params)
+    except BladeflowError as exc:
+        raise _fail(exc) from None
+    _print_result(result, settings)
+
+
+@app.command()
+def info(home: Path | None = HOME_OPTION, tracking_uri: str | None = TRACKING_OPTION) -> None:
+    """Show the resolved settings, this machine's hardware fingerprint and tool versions."""
+    import json
+
+    from bladeflow.environment import hardware, tool_versions
+
+    settings = Settings.from_env(home=home, tracking_uri=tracking_uri)
+    typer.echo(json.dumps({
+        "home": str(settings.home), "tracking_uri": settings.tracking_uri,
+        "registry_uri": settings.registry_uri, "artifact_root": settings.artifact_root,
+        "prefect_home": str(settings.prefect_home), "hardware": hardware(),
+        "versions": tool_versions(),
+    }, indent=2))
+
+
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise _fail(UserInputError(
+            f"--batch-sizes {text!r} is not a list of integers; write e.g. 1,8,32")) from None
+    return sizes
+
+
+def _optimize_params(**kwargs: Any) -> Any:
+    from pydantic import ValidationError
+
+    from flows.optimize import OptimizeParams
+
+    try:
+        return OptimizeParams(**kwargs)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise UserInputError(problems) from None
+
+
+def _preflight(params: Any) -> None:
+    """Fail fast on bad input, before the flow (and a Prefect server) starts."""
+    import tempfile
+
+    from tasks.convert.detect import detect_format
+    from tasks.convert.onnx_source import load_onnx_source
+    from tasks.optimize.recipes import resolve_recipes
+    from tasks.validate.data import load_npz
+
+    detect_format(params.source, params.format)
+    resolve_recipes(params.preset, params.passes)
+    with tempfile.TemporaryDirectory(prefix="bladeflow-preflight-") as tmp:
+        model = load_onnx_source(params.source, Path(tmp))
+        if params.data:
+            load_npz(params.data, model.signature)
+
+
+def _run_optimize(params: Any) -> Any:
+    from flows.optimize import optimize_flow
+
+    _say(f"optimize: {params.source} -> registered model {params.name!r} "
+         f"(tracking {params.tracking_uri})")
+    # Prefect and MLflow print to stdout; keep stdout for the result (e.g. --json).
+    with contextlib.redirect_stdout(sys.stderr):
+        return optimize_flow(params)
+
+
+def _print_result(result: Any, settings: Settings) -> None:
+    from bladeflow.report import latency_table, render_table
+
+    if result.synthetic_data:
+        typer.echo("NOTE: accuracy was judged on synthetic inputs; pass --data for a real verdict.")
+    typer.echo(f"\nRegistered {result.model_uri} (alias 'candidate'), chosen recipe: "
+               f"{result.candidate}; MLflow run {result.run_id}\n")
+    typer.echo(render_table(latency_table(result)))
+    typer.echo(
+        "\nBrowse the results in the MLflow UI:\n"
+        f"  .venv/bin/mlflow ui --backend-store-uri {settings.tracking_uri} "
+        "--host 127.0.0.1 --port 5000\n  then open http://127.0.0.1:5000 (Models -> "
+        f"{result.name})"
+    )
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

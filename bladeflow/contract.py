@@ -1,0 +1,199 @@
+"""The stage contract: small typed objects that pass between the stages of a flow.
+
+Stages hand each other paths, URIs and metrics -- never model bytes or session objects -- so every
+result is cheap to pass through Prefect, easy to log to MLflow and printable as JSON.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Dim = int | str | None
+"""One tensor dimension: a fixed size, a symbolic name (dynamic), or ``None`` (unknown)."""
+
+
+class TensorSpec(BaseModel):
+    """Name, element type and shape of one model input or output."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    dtype: str = Field(description="numpy dtype name, e.g. 'float32', 'int64'")
+    shape: list[Dim] = Field(description="fixed sizes as ints, dynamic dims as names or null")
+
+    @property
+    def dynamic_axes(self) -> list[int]:
+        """Indices of the dimensions whose size is not fixed."""
+        return [i for i, d in enumerate(self.shape) if not isinstance(d, int)]
+
+    def describe(self) -> str:
+        dims = "x".join("?" if d is None else str(d) for d in self.shape)
+        return f"{self.name}: {self.dtype}[{dims}]"
+
+
+class Signature(BaseModel):
+    """The inputs and outputs of a model, in graph order."""
+
+    model_config = ConfigDict(frozen=True)
+
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    def input(self, name: str) -> TensorSpec:
+        for spec in self.inputs:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+
+class PassRecord(BaseModel):
+    """One applied optimization step, with its fully resolved configuration."""
+
+    name: str
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class Provenance(BaseModel):
+    """Where an artifact came from, precise enough to reproduce it."""
+
+    source: str = Field(description="the path/URI the user gave")
+    parent_sha256: str | None = None
+    step: PassRecord | None = None
+    tool_versions: dict[str, str] = Field(default_factory=dict)
+
+
+class ModelArtifact(BaseModel):
+    """A model file on disk plus everything a later stage needs to know about it."""
+
+    path: str
+    format: str = Field(description="'onnx' for every artifact after conversion")
+    sha256: str
+    size_bytes: int
+    signature: Signature
+    provenance: Provenance
+
+
+class SessionConfig(BaseModel):
+    """How ONNX Runtime runs a model. Part of the recipe; serving uses the same settings."""
+
+    model_config = ConfigDict(frozen=True)
+
+    graph_optimization_level: str = Field(
+        "all", description="ORT load-time graph optimization: disable, basic, extended or all"
+    )
+    intra_op_num_threads: int = Field(0, description="0 lets ONNX Runtime choose")
+    inter_op_num_threads: int = Field(0, description="0 lets ONNX Runtime choose")
+    execution_mode: str = Field("sequential", description="sequential or parallel")
+    allow_spinning: bool = Field(True, description="intra-op threads busy-wait between runs")
+    providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
+
+
+class Candidate(BaseModel):
+    """An optimized model (or the unoptimized baseline) competing for selection."""
+
+    name: str
+    artifact: ModelArtifact
+    session: SessionConfig = Field(default_factory=SessionConfig)
+    recipe: list[PassRecord] = Field(default_factory=list)
+
+
+class DataRef(BaseModel):
+    """Validation data on disk (a ``.npz`` of arrays by input name), checked against the model."""
+
+    path: str
+    samples: int
+    synthetic: bool = Field(description="true when generated from the signature")
+
+
+class Tolerance(BaseModel):
+    """Accuracy gate: a candidate passes when every output of every sample satisfies it.
+
+    Elementwise ``|candidate - source| <= atol + rtol * |source|`` (numpy ``allclose``) and, per
+    sample, cosine similarity to the source ``>= min_cosine``.
+    """
+
+    atol: float = Field(1e-4, ge=0, description="absolute error allowed per element")
+    rtol: float = Field(1e-3, ge=0, description="error allowed relative to |source| per element")
+    min_cosine: float = Field(0.999, ge=-1, le=1, description="lowest per-sample cosine allowed")
+
+
+class OutputAccuracy(BaseModel):
+    """How far one output of a candidate is from the source, over the whole dataset."""
+
+    max_abs_error: float
+    max_rel_error: float
+    min_cosine: float
+    mean_cosine: float
+    samples: int
+    failing_samples: int
+
+
+class AccuracyReport(BaseModel):
+    """Result of the accuracy gate for one candidate."""
+
+    candidate: str
+    passed: bool
+    outputs: dict[str, OutputAccuracy]
+    reason: str = ""
+    synthetic_data: bool = Field(description="true when inputs were generated from the signature")
+
+
+class LatencyStats(BaseModel):
+    """Latency distribution of one model at one batch size."""
+
+    batch_size: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    throughput: float = Field(description="samples per second at this batch size (from p50)")
+    iterations: int
+
+
+class BenchmarkReport(BaseModel):
+    """Latency per model (source and candidates) per batch size, measured in one interleaved run."""
+
+    models: dict[str, dict[int, LatencyStats]]
+    skipped_batch_sizes: dict[int, str] = Field(default_factory=dict)
+    shapes: dict[str, list[int]] = Field(default_factory=dict, description="input shapes at batch 1")
+
+
+class StageStatus(str, enum.Enum):
+    OK = "OK"
+    FAILED = "FAILED"
+    SKIPPED = "SKIPPED"
+
+
+class StageResult(BaseModel):
+    """What every stage reports: status, outputs, metrics, report files and time taken."""
+
+    stage: str
+    status: StageStatus
+    elapsed_s: float
+    outputs: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    reports: list[str] = Field(default_factory=list)
+    reason: str = ""
+
+
+class OptimizeResult(BaseModel):
+    """What ``bladeflow optimize --json`` prints and the optimize flow returns."""
+
+    name: str
+    version: str
+    model_uri: str
+    run_id: str
+    candidate: str
+    recipe: list[PassRecord]
+    session: SessionConfig
+    accuracy: dict[str, OutputAccuracy]
+    latency_ms: dict[str, dict[int, LatencyStats]] = Field(
+        description="'source' and 'chosen' -> batch size -> latency stats"
+    )
+    throughput: dict[str, dict[int, float]]
+    speedup: dict[int, float] = Field(description="batch size -> source p50 / chosen p50")
+    synthetic_data: bool
+    stages: list[StageResult]

@@ -1,0 +1,65 @@
+"""The MLflow registry schema bladeflow writes and every later stage (serving, release) reads.
+
+Keep these names: deployed servers and users' scripts depend on them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from bladeflow.contract import PassRecord, SessionConfig
+from bladeflow.errors import UserInputError
+
+# Model-version tags.
+TAG_SOURCE = "bladeflow.source"  # the source path/URI the user gave
+TAG_SOURCE_SHA256 = "bladeflow.source_sha256"
+TAG_RECIPE = "bladeflow.recipe"  # JSON list of {"name", "config"}; the last is the runtime config
+TAG_VALIDATED = "bladeflow.validated"  # "true" only when the accuracy gate passed
+TAG_HARDWARE = "bladeflow.hardware"  # JSON: CPU model, ISA flags, threads, GPUs
+TAG_CANDIDATE = "bladeflow.candidate"  # name of the winning recipe
+TAG_SYNTHETIC = "bladeflow.synthetic_data"  # "true" when accuracy was judged on synthetic inputs
+
+# Aliases.
+ALIAS_CANDIDATE = "candidate"  # newest validated version
+ALIAS_CANARY = "canary"
+ALIAS_CHAMPION = "champion"
+
+# Registered-model tags.
+MODEL_TAG_CANARY_WEIGHT = "bladeflow.canary_weight"  # 0-100: share of traffic for the canary
+
+# The pseudo-pass that closes every recipe: how ONNX Runtime must run the model.
+RUNTIME_STEP = "runtime.onnxruntime"
+RUNTIME_FILE = "bladeflow_runtime.json"  # written next to model.onnx inside the logged model
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+def check_model_name(name: str) -> str:
+    """Return ``name`` if it is a registered-model name bladeflow accepts, else explain why not.
+
+    Names appear in ``models:/NAME@alias`` URIs and in the serving URL ``/v2/models/NAME``, so
+    only letters, digits, ``_``, ``-`` and ``.`` are allowed (128 characters at most).
+    """
+    if not _NAME.match(name or ""):
+        raise UserInputError(
+            f"model name {name!r} is not allowed: use 1-128 letters, digits, '_', '-' or '.', "
+            "starting with a letter or digit (e.g. 'intent-classifier')"
+        )
+    return name
+
+
+def recipe_json(steps: list[PassRecord], session: SessionConfig) -> str:
+    """Serialize a recipe for the ``bladeflow.recipe`` tag (runtime config as the last step)."""
+    payload: list[dict[str, Any]] = [s.model_dump(mode="json") for s in steps]
+    payload.append({"name": RUNTIME_STEP, "config": session.model_dump(mode="json")})
+    return json.dumps(payload, sort_keys=True)
+
+
+def session_from_recipe(recipe: str) -> SessionConfig:
+    """The ONNX Runtime session config stored in a ``bladeflow.recipe`` tag value."""
+    for step in reversed(json.loads(recipe)):
+        if step.get("name") == RUNTIME_STEP:
+            return SessionConfig(**step.get("config", {}))
+    return SessionConfig()

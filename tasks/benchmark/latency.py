@@ -1,0 +1,101 @@
+"""Latency and throughput of several models, measured interleaved on the same inputs.
+
+These machines are shared and noisy: timing model A fully and then model B lets a burst of other
+load land on one of them. So every round runs every model once per batch size (A B A B ...), each
+model's timings are pooled over the rounds, and medians are reported.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from bladeflow.contract import BenchmarkReport, LatencyStats, ModelArtifact, SessionConfig
+from bladeflow.runtime import make_session
+from tasks.validate.data import Dataset, fixed_batch, tile
+
+
+@dataclass(frozen=True)
+class BenchmarkSettings:
+    """How long to measure. Defaults fit small models; the CLI exposes each."""
+
+    warmup: int = 5
+    rounds: int = 5
+    iterations: int = 20  # per model, per batch size, per round
+    max_seconds: float = 10.0  # per model and batch size, across rounds: caps big models
+
+
+def benchmark(
+    models: dict[str, tuple[ModelArtifact, SessionConfig]],
+    data: Dataset,
+    batch_sizes: list[int],
+    settings: BenchmarkSettings = BenchmarkSettings(),
+    progress: Callable[[str], None] | None = None,
+) -> BenchmarkReport:
+    """Time each model at each batch size on batches drawn from ``data``.
+
+    Args:
+        models: Label -> (artifact, session config). All must share one signature.
+        data: Samples to batch up (real data keeps real shapes, e.g. short sequences).
+        batch_sizes: Batch sizes to time; sizes the model cannot take are skipped with a reason.
+        settings: Warm-up, rounds, iterations and time cap.
+        progress: Called with a line of text as each batch size starts.
+    """
+    first = next(iter(models.values()))[0]
+    fixed = fixed_batch(first.signature)
+    skipped: dict[int, str] = {}
+    sizes = []
+    for bs in batch_sizes:
+        if fixed is not None and bs != fixed:
+            skipped[bs] = f"the model's batch dimension is fixed at {fixed}"
+        else:
+            sizes.append(bs)
+    if fixed is not None and fixed not in sizes:
+        sizes.append(fixed)
+
+    sessions = {label: make_session(a.path, cfg) for label, (a, cfg) in models.items()}
+    names = {label: [o.name for o in a.signature.outputs] for label, (a, _) in models.items()}
+    timings: dict[str, dict[int, list[float]]] = {label: {} for label in models}
+    for bs in sizes:
+        if progress:
+            progress(f"benchmark: batch size {bs}, {len(models)} models interleaved")
+        feeds = tile(data, bs)
+        for label, sess in sessions.items():
+            for _ in range(settings.warmup):
+                sess.run(names[label], feeds)
+            timings[label][bs] = []
+        budget = settings.max_seconds / max(settings.rounds, 1)
+        for _ in range(settings.rounds):
+            for label, sess in sessions.items():
+                round_start = time.perf_counter()
+                for _ in range(settings.iterations):
+                    t0 = time.perf_counter()
+                    sess.run(names[label], feeds)
+                    t1 = time.perf_counter()
+                    timings[label][bs].append((t1 - t0) * 1000.0)
+                    if t1 - round_start > budget:
+                        break
+    return BenchmarkReport(
+        models={label: {bs: _stats(bs, ts) for bs, ts in per.items()}
+                for label, per in timings.items()},
+        skipped_batch_sizes=skipped,
+        shapes={k: list(v.shape[1:]) for k, v in data.items()},
+    )
+
+
+def _stats(batch_size: int, ms: list[float]) -> LatencyStats:
+    arr = np.asarray(ms)
+    p50, p90, p99 = np.percentile(arr, [50, 90, 99])
+    return LatencyStats(
+        batch_size=batch_size,
+        p50_ms=float(p50),
+        p90_ms=float(p90),
+        p99_ms=float(p99),
+        mean_ms=float(arr.mean()),
+        throughput=float(batch_size * 1000.0 / p50) if p50 > 0 else 0.0,
+        iterations=len(ms),
+    )
+

@@ -1,0 +1,177 @@
+"""Validation data: load it, check it against the model's signature, or synthesize it.
+
+Arrays carry a leading sample axis. When the model's batch dimension is dynamic that axis is the
+batch axis; when it is fixed (say 1), samples are fed in chunks of that size.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from bladeflow.contract import Signature, TensorSpec
+from bladeflow.errors import DataError
+
+Dataset = dict[str, np.ndarray]
+
+DEFAULT_SYNTHETIC_SAMPLES = 16
+DEFAULT_DYNAMIC_DIM = 16  # e.g. a sequence length: real queries are short
+_INT_HIGH = 10  # synthetic integer inputs stay small: they are often indices (token ids)
+
+
+def load_npz(path: str | Path, signature: Signature) -> Dataset:
+    """Load a ``.npz`` whose arrays are named after the model's inputs, and check it.
+
+    Raises:
+        DataError: unreadable file, or arrays that do not match the signature.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"validation data {p} does not exist")
+    if p.suffix.lower() != ".npz":
+        raise DataError(
+            f"validation data {p} is not a .npz file; save arrays named after the model inputs "
+            "with numpy.savez(path, **{name: array})"
+        )
+    try:
+        with np.load(p, allow_pickle=False) as npz:
+            data = {k: np.asarray(npz[k]) for k in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise DataError(f"cannot read validation data {p}: {exc}") from exc
+    return check_dataset(data, signature, origin=str(p))
+
+
+def check_dataset(data: Dataset, signature: Signature, origin: str = "data") -> Dataset:
+    """Check names, ranks, fixed dims, dtypes and values; return arrays cast to the model dtypes.
+
+    Every problem found is listed in one DataError, so the user fixes them in one go.
+    """
+    problems: list[str] = []
+    expected = {s.name for s in signature.inputs}
+    missing = sorted(expected - data.keys())
+    extra = sorted(data.keys() - expected)
+    if missing:
+        problems.append(f"missing input(s) {missing}")
+    if extra:
+        problems.append(f"unknown array(s) {extra} (the model has no such input)")
+
+    out: Dataset = {}
+    dynamic_sizes: dict[str, tuple[int, str]] = {}
+    samples: set[int] = set()
+    for spec in signature.inputs:
+        if spec.name not in data:
+            continue
+        arr = data[spec.name]
+        where = f"input {spec.name!r} (model expects {spec.describe()}, got {arr.dtype}{list(arr.shape)})"
+        if arr.ndim != len(spec.shape):
+            problems.append(f"{where}: rank {arr.ndim} != {len(spec.shape)}")
+            continue
+        if arr.ndim == 0:
+            problems.append(f"{where}: scalar inputs need a sample axis")
+            continue
+        samples.add(arr.shape[0])
+        for axis, (want, got) in enumerate(zip(spec.shape, arr.shape, strict=True)):
+            if isinstance(want, int) and axis > 0 and want != got:
+                problems.append(f"{where}: dim {axis} is {got}, must be {want}")
+            elif isinstance(want, str) and axis > 0:
+                seen = dynamic_sizes.setdefault(want, (got, spec.name))
+                if seen[0] != got:
+                    problems.append(
+                        f"{where}: dim {axis} ({want!r}) is {got} but {seen[1]!r} has {seen[0]}"
+                    )
+        batch = spec.shape[0]
+        if isinstance(batch, int) and arr.shape[0] % batch:
+            problems.append(f"{where}: {arr.shape[0]} samples is not a multiple of batch {batch}")
+        cast, why = _cast(arr, spec)
+        if why:
+            problems.append(f"{where}: {why}")
+        else:
+            out[spec.name] = cast
+    if len(samples) > 1:
+        problems.append(f"inputs have different numbers of samples: {sorted(samples)}")
+    if problems:
+        raise DataError(
+            f"validation data {origin} does not match the model: " + "; ".join(problems)
+        )
+    return out
+
+
+def _cast(arr: np.ndarray, spec: TensorSpec) -> tuple[np.ndarray, str]:
+    target = np.dtype(spec.dtype)
+    if arr.dtype == target:
+        cast = arr
+    elif arr.dtype.kind in "fiub" and target.kind == "f":
+        cast = arr.astype(target)
+    elif arr.dtype.kind in "iub" and target.kind in "iu":
+        cast = arr.astype(target)
+        if not np.array_equal(cast, arr):
+            return arr, f"values do not fit in {target}"
+    elif arr.dtype.kind == "b" and target.kind == "b":
+        cast = arr
+    else:
+        return arr, f"dtype {arr.dtype} cannot be used as {target}"
+    if cast.dtype.kind == "f" and not np.isfinite(cast).all():
+        return arr, f"{int((~np.isfinite(cast)).sum())} NaN/inf value(s)"
+    return cast, ""
+
+
+def synthesize(
+    signature: Signature, samples: int = DEFAULT_SYNTHETIC_SAMPLES, seed: int = 0
+) -> Dataset:
+    """Random inputs shaped like the signature; dynamic dims of the same name get the same size."""
+    rng = np.random.default_rng(seed)
+    named: dict[str, int] = {}
+    data: Dataset = {}
+    for spec in signature.inputs:
+        shape = []
+        for axis, dim in enumerate(spec.shape):
+            if isinstance(dim, int):
+                shape.append(samples * dim if axis == 0 else dim)
+            elif axis == 0:
+                shape.append(samples)
+            elif isinstance(dim, str):
+                shape.append(named.setdefault(dim, DEFAULT_DYNAMIC_DIM))
+            else:
+                shape.append(DEFAULT_DYNAMIC_DIM)
+        dtype = np.dtype(spec.dtype)
+        if dtype.kind == "f":
+            data[spec.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind == "b":
+            data[spec.name] = rng.integers(0, 2, shape).astype(bool)
+        elif "mask" in spec.name.lower():
+            data[spec.name] = np.ones(shape, dtype=dtype)
+        elif dtype.kind in "iu":
+            data[spec.name] = rng.integers(0, _INT_HIGH, shape).astype(dtype)
+        else:
+            raise DataError(
+                f"cannot synthesize input {spec.describe()}; pass validation data with --data"
+            )
+    return data
+
+
+def sample_count(data: Dataset) -> int:
+    return int(next(iter(data.values())).shape[0]) if data else 0
+
+
+def fixed_batch(signature: Signature) -> int | None:
+    """The model's fixed batch size, or None when the batch dim is dynamic."""
+    dims = {s.shape[0] for s in signature.inputs if s.shape}
+    fixed = [d for d in dims if isinstance(d, int)]
+    return fixed[0] if fixed else None
+
+
+def batches(data: Dataset, size: int) -> Iterator[Dataset]:
+    """Consecutive chunks of ``size`` samples (the last may be smaller)."""
+    n = sample_count(data)
+    for start in range(0, n, size):
+        yield {k: v[start:start + size] for k, v in data.items()}
+
+
+def tile(data: Dataset, batch_size: int) -> Dataset:
+    """A batch of exactly ``batch_size`` samples, cycling through the dataset."""
+    n = sample_count(data)
+    idx = np.arange(batch_size) % n
+    return {k: np.ascontiguousarray(v[idx]) for k, v in data.items()}
