@@ -23,6 +23,9 @@ class TensorSpec(BaseModel):
     name: str
     dtype: str = Field(description="numpy dtype name, e.g. 'float32', 'int64'")
     shape: list[Dim] = Field(description="fixed sizes as ints, dynamic dims as names or null")
+    value_range: list[float] | None = Field(
+        None, description="[low, high) of valid values when known, e.g. [0, vocab_size) for ids"
+    )
 
     @property
     def dynamic_axes(self) -> list[int]:
@@ -74,6 +77,9 @@ class ModelArtifact(BaseModel):
     size_bytes: int
     signature: Signature
     provenance: Provenance
+    assets: dict[str, str] = Field(
+        default_factory=dict, description="files kept with the model, e.g. {'tokenizer': dir}"
+    )
 
 
 class SessionConfig(BaseModel):

@@ -137,7 +137,13 @@ def synthesize(
             else:
                 shape.append(DEFAULT_DYNAMIC_DIM)
         dtype = np.dtype(spec.dtype)
-        if dtype.kind == "f":
+        if spec.value_range is not None:
+            low, high = spec.value_range
+            if dtype.kind in "iu":
+                data[spec.name] = rng.integers(int(low), int(high), shape).astype(dtype)
+            else:
+                data[spec.name] = rng.uniform(low, high, shape).astype(dtype)
+        elif dtype.kind == "f":
             data[spec.name] = rng.standard_normal(shape).astype(dtype)
         elif dtype.kind == "b":
             data[spec.name] = rng.integers(0, 2, shape).astype(bool)

@@ -1,0 +1,52 @@
+# bladeflow: every target sets itself up; `make demo` and `make test` work on a fresh clone.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# The CPU wheel of torch lies on these machines' disk; installing it first keeps pip from pulling
+# a multi-GB CUDA build to satisfy the `torch` extra's range.
+TORCH_CPU ?= torch==2.13.0
+EXTRAS ?= dev,torch,tf,demo
+
+export BLADEFLOW_HOME ?= $(CURDIR)/.bladeflow
+export MLFLOW_DISABLE_TELEMETRY = true
+export DO_NOT_TRACK = 1
+export PREFECT_SERVER_ANALYTICS_ENABLED = false
+
+.PHONY: setup demo test test-slow test-all lint format clean help
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_CPU)"
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	@touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install bladeflow with the extras demo and tests need (idempotent)
+
+demo: setup  ## optimize and register the demo model end to end, print the latency table
+	$(BIN)/bladeflow demo
+
+test: setup  ## the default test suite (no slow/gpu tests), well under 15 minutes on 2 cores
+	$(BIN)/python -m pytest -m "not slow and not gpu" -q
+
+test-slow: setup  ## the slow tests
+	$(BIN)/python -m pytest -m "slow and not gpu" -q
+
+test-all: setup  ## every test (GPU tests skip without a GPU)
+	$(BIN)/python -m pytest -q
+
+lint: setup  ## ruff (lint + format check) and mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: setup  ## apply ruff's fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:  ## remove the venv and the local data folder
+	rm -rf $(VENV) .bladeflow .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,118 @@
+"""The CLI as users run it: a real process, real exit codes, stdout/stderr kept apart."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests import models
+
+BIN = [sys.executable, "-m", "bladeflow.cli"]
+
+
+def _run(args: list[str], home: Path, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "BLADEFLOW_HOME": str(home)}
+    env.pop("PREFECT_HOME", None)  # the CLI puts Prefect's state under BLADEFLOW_HOME
+    env.pop("PREFECT_API_URL", None)
+    return subprocess.run([*BIN, *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=home.parent)
+
+
+def _registered(home: Path) -> list[str]:
+    from mlflow import MlflowClient
+
+    db = home / "mlflow.db"
+    if not db.exists():
+        return []
+    c = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    return [m.name for m in c.search_registered_models()]
+
+
+def test_help_explains_options(tmp_path: Path):
+    out = _run(["optimize", "--help"], tmp_path / "h")
+    assert out.returncode == 0
+    for option in ("--name", "--data", "--batch-sizes", "--tracking-uri", "--json"):
+        assert option in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("make", "needle"),
+    [
+        (lambda d: d / "missing.onnx", "does not exist"),
+        (lambda d: (d / "empty.onnx").write_bytes(b"") and d / "empty.onnx" or d / "empty.onnx",
+         "empty"),
+        (lambda d: (d / "m.pt").write_bytes(b"\x80\x02}q") and d / "m.pt", "cannot tell"),
+        (lambda d: (d / "bad.onnx").write_bytes(b"\x08\x07garbage" * 50) and d / "bad.onnx",
+         "not a readable ONNX model|fails the ONNX checker|no graph"),
+    ],
+)
+def test_bad_model_files_exit_2_without_traceback(tmp_path: Path, make, needle: str):
+    # setup
+    src = make(tmp_path)
+    home = tmp_path / "home"
+    # execute
+    out = _run(["optimize", str(src), "--name", "m"], home)
+    # assert
+    assert out.returncode == 2, out.stderr
+    assert "bad input" in out.stderr
+    assert "Traceback" not in out.stderr
+    import re
+
+    assert re.search(needle, out.stderr), out.stderr
+    assert out.stdout == ""
+    assert _registered(home) == []
+
+
+@pytest.mark.parametrize(
+    ("arrays", "needle"),
+    [
+        ({"wrong": np.zeros((2, 8), np.float32)}, "missing input"),
+        ({"x": np.zeros((2, 5), np.float32)}, "dim 1 is 5, must be 8"),
+    ],
+)
+def test_data_that_does_not_match_exits_2(tmp_path: Path, arrays, needle: str):
+    src = models.mlp(tmp_path / "m.onnx")
+    data = tmp_path / "d.npz"
+    np.savez(data, **arrays)
+    home = tmp_path / "home"
+    out = _run(["optimize", str(src), "--name", "m", "--data", str(data)], home)
+    assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr
+    assert _registered(home) == []
+
+
+def test_bad_name_and_options_exit_2(tmp_path: Path):
+    src = models.mlp(tmp_path / "m.onnx")
+    for args, needle in [
+        (["--name", "a/b"], "not allowed"),
+        (["--name", "ok", "--batch-sizes", "1,x"], "--batch-sizes"),
+        (["--name", "ok", "--objective", "speed@1"], "objective"),
+        (["--name", "ok", "--passes", "nope"], "unknown optimization pass"),
+    ]:
+        out = _run(["optimize", str(src), *args], tmp_path / "home")
+        assert out.returncode == 2, (args, out.stderr)
+        assert needle in out.stderr and "Traceback" not in out.stderr
+
+
+def test_optimize_json_registers_a_version(tmp_path: Path):
+    # setup: a model no other test uses, with a fixed batch dimension
+    src = models.mlp(tmp_path / "fresh.onnx", features=6, hidden=10, outputs=3, seed=7, batch=1)
+    home = tmp_path / "home"
+    # execute
+    out = _run(["optimize", str(src), "--name", "fresh", "--json", "--bench-rounds", "2",
+                "--bench-iterations", "3"], home)
+    # assert
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    for key in ("name", "version", "model_uri", "run_id", "recipe", "accuracy", "latency_ms",
+                "throughput", "speedup"):
+        assert key in result
+    assert result["name"] == "fresh" and result["version"] == "1"
+    assert set(result["latency_ms"]["source"]) == {"1"}  # fixed batch: 8 and 32 skipped
+    assert "register" in out.stderr  # progress went to stderr
+    assert _registered(home) == ["fresh"]

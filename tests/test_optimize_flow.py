@@ -1,0 +1,103 @@
+"""The optimize flow end to end: real Prefect (test harness), real MLflow (SQLite), real ORT."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from bladeflow import registry
+from bladeflow.errors import AccuracyGateError
+from bladeflow.settings import Settings
+from flows.optimize import OptimizeParams, optimize_flow
+from tests import models
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def _client(settings: Settings) -> MlflowClient:
+    return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.registry_uri)
+
+
+def test_flow_registers_the_chosen_model_with_schema_tags(
+    tmp_path: Path, settings: Settings, bench_fast: dict[str, int]
+):
+    # setup
+    src = models.mlp(tmp_path / "mlp.onnx", features=8)
+    data = tmp_path / "val.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((20, 8)).astype(np.float32))
+    params = OptimizeParams(source=str(src), name="mlp-test", data=str(data),
+                            batch_sizes=[1, 4], bench=bench_fast)
+    # execute
+    result = optimize_flow(params)
+    # assert: the result
+    assert result.version == "1" and result.model_uri == "models:/mlp-test/1"
+    assert set(result.latency_ms) == {"source", "chosen"}
+    assert set(result.latency_ms["chosen"]) == {1, 4} and set(result.speedup) == {1, 4}
+    assert result.accuracy["y"].max_abs_error < 1e-4 and not result.synthetic_data
+    assert [s.stage for s in result.stages] == [
+        "convert", "prepare-data", "optimize", "validate", "benchmark", "register"]
+    assert all(s.status == "OK" for s in result.stages)
+    # assert: the registry
+    c = _client(settings)
+    mv = c.get_model_version("mlp-test", "1")
+    assert mv.tags[registry.TAG_VALIDATED] == "true"
+    assert mv.tags[registry.TAG_SOURCE] == str(src.resolve())
+    assert len(mv.tags[registry.TAG_SOURCE_SHA256]) == 64
+    recipe = json.loads(mv.tags[registry.TAG_RECIPE])
+    assert recipe[0]["name"] == "convert.onnx" and recipe[-1]["name"] == registry.RUNTIME_STEP
+    hw = json.loads(mv.tags[registry.TAG_HARDWARE])
+    assert hw["threads"] >= 1 and "isa" in hw
+    assert str(c.get_model_version_by_alias("mlp-test", registry.ALIAS_CANDIDATE).version) == "1"
+    assert "Latency" in mv.description
+    # assert: the MLflow run and the model load back and compute the same thing
+    run = c.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["name"] == "mlp-test"
+    assert any(k.startswith("latency.source.b1.") for k in run.data.metrics)
+    arts = {a.path for a in c.list_artifacts(result.run_id, "reports")}
+    assert {"reports/summary.md", "reports/accuracy.json", "reports/benchmark.json"} <= arts
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    pyfunc = mlflow.pyfunc.load_model("models:/mlp-test@candidate")
+    x = np.ones((2, 8), np.float32)
+    out = pyfunc.predict({"x": x})
+    import onnxruntime as ort
+
+    expected = ort.InferenceSession(str(src)).run(None, {"x": x})[0]
+    np.testing.assert_allclose(np.asarray(out["y"]), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_second_run_registers_a_new_version_and_moves_the_alias(
+    tmp_path: Path, settings: Settings, bench_fast: dict[str, int]
+):
+    src = models.token_model(tmp_path / "tok.onnx")
+    for _ in range(2):
+        result = optimize_flow(OptimizeParams(source=str(src), name="tok", batch_sizes=[2],
+                                              bench=bench_fast))
+    assert result.version == "2" and result.synthetic_data
+    c = _client(settings)
+    assert str(c.get_model_version_by_alias("tok", "candidate").version) == "2"
+    assert c.get_model_version("tok", "2").tags[registry.TAG_SYNTHETIC] == "true"
+
+
+def test_gate_failure_registers_nothing_and_records_why(
+    tmp_path: Path, settings: Settings, bench_fast: dict[str, int]
+):
+    # setup: a model whose output is random on every run cannot match its own reference
+    src = models.random_output(tmp_path / "noisy.onnx")
+    # execute
+    with pytest.raises(AccuracyGateError) as info:
+        optimize_flow(OptimizeParams(source=str(src), name="noisy", bench=bench_fast))
+    # assert
+    err = info.value
+    assert "baseline" in err.reasons and err.run_id
+    c = _client(settings)
+    assert c.search_registered_models(filter_string="name='noisy'") == []
+    run = c.get_run(err.run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["bladeflow.outcome"] == "accuracy_gate_failed"
+    assert "samples outside tolerance" in run.data.tags["bladeflow.reason"]

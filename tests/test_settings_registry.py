@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bladeflow import registry
+from bladeflow.contract import PassRecord, SessionConfig
+from bladeflow.errors import UserInputError
+from bladeflow.settings import Settings
+
+
+def test_defaults_live_under_dot_bladeflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # setup
+    monkeypatch.chdir(tmp_path)
+    # execute
+    s = Settings.from_env(environ={})
+    # assert
+    assert s.home == tmp_path / ".bladeflow"
+    assert s.tracking_uri == f"sqlite:///{tmp_path / '.bladeflow' / 'mlflow.db'}"
+    assert s.registry_uri == s.tracking_uri
+    assert s.artifact_root == (tmp_path / ".bladeflow" / "artifacts").as_uri()
+    assert s.prefect_home == tmp_path / ".bladeflow" / "prefect"
+    env = s.environment()
+    assert env["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    assert env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+
+
+def test_environment_and_flags_override(tmp_path: Path):
+    s = Settings.from_env(environ={"BLADEFLOW_HOME": str(tmp_path / "h"),
+                                   "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"})
+    assert s.home == tmp_path / "h"
+    assert s.tracking_uri == "http://127.0.0.1:5000"
+    flagged = s.with_tracking_uri("sqlite:///x.db")
+    assert flagged.tracking_uri == flagged.registry_uri == "sqlite:///x.db"
+
+
+@pytest.mark.parametrize("name", ["intent", "bert-matcher_v2", "asr.encoder", "A1"])
+def test_model_names_accepted(name: str):
+    assert registry.check_model_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "models:x", "-lead", "sp ace", "x" * 200])
+def test_model_names_refused_with_advice(name: str):
+    with pytest.raises(UserInputError, match="letters, digits"):
+        registry.check_model_name(name)
+
+
+def test_recipe_round_trips_runtime_config():
+    session = SessionConfig(graph_optimization_level="disable", intra_op_num_threads=2,
+                            allow_spinning=False)
+    text = registry.recipe_json([PassRecord(name="ort_graph", config={"level": "all"})], session)
+    steps = json.loads(text)
+    assert [s["name"] for s in steps] == ["ort_graph", registry.RUNTIME_STEP]
+    assert registry.session_from_recipe(text) == session
+
+
+def test_import_does_not_load_heavy_frameworks_or_touch_home(tmp_path: Path):
+    # setup: an empty HOME shows any write into the user's home
+    code = (
+        "import sys, flows.optimize, serving, tasks.convert.onnx_source, bladeflow.cli;"
+        "heavy = [m for m in ('torch', 'tensorflow', 'tensorrt', 'transformers') if m in sys.modules];"
+        "print(','.join(heavy))"
+    )
+    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin",
+           "PREFECT_HOME": str(tmp_path / "ph"), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    # execute
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).parents[1], timeout=120, check=True)
+    # assert
+    assert out.stdout.strip() == ""
+    assert list(tmp_path.iterdir()) == [] or not (tmp_path / ".prefect").exists()
