@@ -13,7 +13,7 @@ from typing import Any
 
 import typer
 
-from bladeflow.errors import AccuracyGateError, BladeflowError, UserInputError
+from bladeflow.errors import BladeflowError, UserInputError
 from bladeflow.settings import Settings
 
 app = typer.Typer(
@@ -26,12 +26,16 @@ app = typer.Typer(
 )
 
 HOME_OPTION = typer.Option(
-    None, "--home", envvar="BLADEFLOW_HOME",
+    None,
+    "--home",
+    envvar="BLADEFLOW_HOME",
     help="Data folder for the default SQLite registry, artifacts and Prefect state "
     "[default: ./.bladeflow].",
 )
 TRACKING_OPTION = typer.Option(
-    None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
+    None,
+    "--tracking-uri",
+    envvar="MLFLOW_TRACKING_URI",
     help="MLflow tracking URI, e.g. http://127.0.0.1:5000 [default: sqlite:///<home>/mlflow.db].",
 )
 
@@ -49,36 +53,46 @@ def _fail(exc: BladeflowError) -> typer.Exit:
 @app.command()
 def optimize(
     source: str = typer.Argument(..., help="Model to optimize: a .onnx file."),
-    name: str = typer.Option(..., "--name", "-n",
-                             help="Registered model name in MLflow (letters, digits, _ - .)."),
+    name: str = typer.Option(
+        ..., "--name", "-n", help="Registered model name in MLflow (letters, digits, _ - .)."
+    ),
     data: Path | None = typer.Option(
-        None, "--data", "-d",
+        None,
+        "--data",
+        "-d",
         help="Validation inputs: a .npz with one array per model input, samples along axis 0. "
         "Without it, inputs are synthesized from the signature (cannot judge quantization).",
     ),
-    batch_sizes: str = typer.Option("1,8,32", "--batch-sizes", "-b",
-                                    help="Comma-separated batch sizes to benchmark."),
+    batch_sizes: str = typer.Option(
+        "1,8,32", "--batch-sizes", "-b", help="Comma-separated batch sizes to benchmark."
+    ),
     objective: str = typer.Option(
-        "latency@1", "--objective",
+        "latency@1",
+        "--objective",
         help="What 'fastest' means: latency@BATCH (lowest p50) or throughput@BATCH.",
     ),
     passes: str | None = typer.Option(
-        None, "--passes",
+        None,
+        "--passes",
         help="Candidate recipes instead of the preset's: ',' between recipes, '+' between "
         "passes, ':' then key=value;... for options. E.g. 'ort_graph:level=all'.",
     ),
     preset: str = typer.Option("cpu", "--preset", help="Which recipes to try (cpu)."),
-    model_format: str | None = typer.Option(None, "--format",
-                                            help="Source format if not detectable (onnx)."),
+    model_format: str | None = typer.Option(
+        None, "--format", help="Source format if not detectable (onnx)."
+    ),
     atol: float = typer.Option(1e-4, "--atol", help="Absolute error allowed per element."),
     rtol: float = typer.Option(1e-3, "--rtol", help="Error allowed relative to |source|."),
-    min_cosine: float = typer.Option(0.999, "--min-cosine",
-                                     help="Lowest per-sample cosine similarity to the source."),
+    min_cosine: float = typer.Option(
+        0.999, "--min-cosine", help="Lowest per-sample cosine similarity to the source."
+    ),
     bench_rounds: int = typer.Option(5, "--bench-rounds", help="Interleaved benchmark rounds."),
-    bench_iterations: int = typer.Option(20, "--bench-iterations",
-                                         help="Timed runs per model, batch size and round."),
-    as_json: bool = typer.Option(False, "--json",
-                                 help="Print one JSON object on stdout (progress stays on stderr)."),
+    bench_iterations: int = typer.Option(
+        20, "--bench-iterations", help="Timed runs per model, batch size and round."
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print one JSON object on stdout (progress stays on stderr)."
+    ),
     home: Path | None = HOME_OPTION,
     tracking_uri: str | None = TRACKING_OPTION,
 ) -> None:
@@ -91,9 +105,15 @@ def optimize(
     settings.apply()
     try:
         params = _optimize_params(
-            source=source, name=name, data=str(data) if data else None, format=model_format,
-            batch_sizes=_batch_sizes(batch_sizes), objective=objective, passes=passes,
-            preset=preset, tolerance={"atol": atol, "rtol": rtol, "min_cosine": min_cosine},
+            source=source,
+            name=name,
+            data=str(data) if data else None,
+            format=model_format,
+            batch_sizes=_batch_sizes(batch_sizes),
+            objective=objective,
+            passes=passes,
+            preset=preset,
+            tolerance={"atol": atol, "rtol": rtol, "min_cosine": min_cosine},
             bench={"rounds": bench_rounds, "iterations": bench_iterations},
             tracking_uri=settings.tracking_uri,
         )
@@ -122,8 +142,9 @@ def demo(
     data = build_demo_data(folder / "validation.npz")
     _say(f"demo: built {model} and {data}")
     try:
-        params = _optimize_params(source=str(model), name=DEMO_NAME, data=str(data),
-                                  tracking_uri=settings.tracking_uri)
+        params = _optimize_params(
+            source=str(model), name=DEMO_NAME, data=str(data), tracking_uri=settings.tracking_uri
+        )
         result = _run_optimize(params)
     except BladeflowError as exc:
         raise _fail(exc) from None
@@ -138,20 +159,29 @@ def info(home: Path | None = HOME_OPTION, tracking_uri: str | None = TRACKING_OP
     from bladeflow.environment import hardware, tool_versions
 
     settings = Settings.from_env(home=home, tracking_uri=tracking_uri)
-    typer.echo(json.dumps({
-        "home": str(settings.home), "tracking_uri": settings.tracking_uri,
-        "registry_uri": settings.registry_uri, "artifact_root": settings.artifact_root,
-        "prefect_home": str(settings.prefect_home), "hardware": hardware(),
-        "versions": tool_versions(),
-    }, indent=2))
+    typer.echo(
+        json.dumps(
+            {
+                "home": str(settings.home),
+                "tracking_uri": settings.tracking_uri,
+                "registry_uri": settings.registry_uri,
+                "artifact_root": settings.artifact_root,
+                "prefect_home": str(settings.prefect_home),
+                "hardware": hardware(),
+                "versions": tool_versions(),
+            },
+            indent=2,
+        )
+    )
 
 
 def _batch_sizes(text: str) -> list[int]:
     try:
         sizes = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise _fail(UserInputError(
-            f"--batch-sizes {text!r} is not a list of integers; write e.g. 1,8,32")) from None
+        raise _fail(
+            UserInputError(f"--batch-sizes {text!r} is not a list of integers; write e.g. 1,8,32")
+        ) from None
     return sizes
 
 
@@ -187,8 +217,10 @@ def _preflight(params: Any) -> None:
 def _run_optimize(params: Any) -> Any:
     from flows.optimize import optimize_flow
 
-    _say(f"optimize: {params.source} -> registered model {params.name!r} "
-         f"(tracking {params.tracking_uri})")
+    _say(
+        f"optimize: {params.source} -> registered model {params.name!r} "
+        f"(tracking {params.tracking_uri})"
+    )
     # Prefect and MLflow print to stdout; keep stdout for the result (e.g. --json).
     with contextlib.redirect_stdout(sys.stderr):
         return optimize_flow(params)
@@ -199,8 +231,10 @@ def _print_result(result: Any, settings: Settings) -> None:
 
     if result.synthetic_data:
         typer.echo("NOTE: accuracy was judged on synthetic inputs; pass --data for a real verdict.")
-    typer.echo(f"\nRegistered {result.model_uri} (alias 'candidate'), chosen recipe: "
-               f"{result.candidate}; MLflow run {result.run_id}\n")
+    typer.echo(
+        f"\nRegistered {result.model_uri} (alias 'candidate'), chosen recipe: "
+        f"{result.candidate}; MLflow run {result.run_id}\n"
+    )
     typer.echo(render_table(latency_table(result)))
     typer.echo(
         "\nBrowse the results in the MLflow UI:\n"

@@ -164,10 +164,12 @@ class BenchmarkReport(BaseModel):
 
     models: dict[str, dict[int, LatencyStats]]
     skipped_batch_sizes: dict[int, str] = Field(default_factory=dict)
-    shapes: dict[str, list[int]] = Field(default_factory=dict, description="input shapes at batch 1")
+    shapes: dict[str, list[int]] = Field(
+        default_factory=dict, description="input shapes at batch 1"
+    )
 
 
-class StageStatus(str, enum.Enum):
+class StageStatus(enum.StrEnum):
     OK = "OK"
     FAILED = "FAILED"
     SKIPPED = "SKIPPED"

@@ -12,8 +12,14 @@ from onnx import TensorProto, helper, numpy_helper
 DEMO_NAME = "demo-encoder"
 
 
-def build_demo_model(path: Path, features: int = 256, hidden: int = 1024, outputs: int = 128,
-                     layers: int = 3, seed: int = 0) -> Path:
+def build_demo_model(
+    path: Path,
+    features: int = 256,
+    hidden: int = 1024,
+    outputs: int = 128,
+    layers: int = 3,
+    seed: int = 0,
+) -> Path:
     """Write an ONNX MLP (Linear -> LayerNorm -> GELU, ``layers`` times) with a dynamic batch."""
     rng = np.random.default_rng(seed)
     nodes: list[onnx.NodeProto] = []
@@ -27,8 +33,10 @@ def build_demo_model(path: Path, features: int = 256, hidden: int = 1024, output
     for i in range(layers):
         w = const(f"w{i}", rng.standard_normal((width, hidden)) / np.sqrt(width))
         b = const(f"b{i}", rng.standard_normal(hidden) * 0.1)
-        nodes += [helper.make_node("MatMul", [x, w], [f"mm{i}"]),
-                  helper.make_node("Add", [f"mm{i}", b], [f"lin{i}"])]
+        nodes += [
+            helper.make_node("MatMul", [x, w], [f"mm{i}"]),
+            helper.make_node("Add", [f"mm{i}", b], [f"lin{i}"]),
+        ]
         # LayerNorm, decomposed the way exporters write it.
         eps, two = const(f"eps{i}", np.array(1e-5)), const(f"two{i}", np.array(2.0))
         gamma = const(f"gamma{i}", 1 + 0.1 * rng.standard_normal(hidden))
@@ -45,8 +53,11 @@ def build_demo_model(path: Path, features: int = 256, hidden: int = 1024, output
             helper.make_node("Add", [f"scaled{i}", beta], [f"ln{i}"]),
         ]
         # GELU (erf form): 0.5 * x * (1 + erf(x / sqrt(2))).
-        sqrt2, one, half = (const(f"sqrt2_{i}", np.array(np.sqrt(2.0))),
-                            const(f"one{i}", np.array(1.0)), const(f"half{i}", np.array(0.5)))
+        sqrt2, one, half = (
+            const(f"sqrt2_{i}", np.array(np.sqrt(2.0))),
+            const(f"one{i}", np.array(1.0)),
+            const(f"half{i}", np.array(0.5)),
+        )
         nodes += [
             helper.make_node("Div", [f"ln{i}", sqrt2], [f"gd{i}"]),
             helper.make_node("Erf", [f"gd{i}"], [f"ge{i}"]),
@@ -59,13 +70,15 @@ def build_demo_model(path: Path, features: int = 256, hidden: int = 1024, output
     nodes.append(helper.make_node("MatMul", [x, w], ["embedding"]))
 
     graph = helper.make_graph(
-        nodes, "bladeflow_demo_encoder",
+        nodes,
+        "bladeflow_demo_encoder",
         [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", features])],
         [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", outputs])],
         initializer=inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
-                              producer_name="bladeflow-demo")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="bladeflow-demo"
+    )
     model.ir_version = 8
     onnx.checker.check_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,11 +14,39 @@ from pathlib import Path
 from typing import Any
 
 # ISA extensions that change which kernels ONNX Runtime (and quantization) can use.
-_ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni",
-              "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16", "asimd", "sve")
+_ISA_FLAGS = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx_vnni",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+    "asimd",
+    "sve",
+)
 
-_TOOLS = ("bladeflow", "onnx", "onnxruntime", "onnxruntime-gpu", "mlflow", "prefect", "numpy",
-          "tensorflow-cpu", "tf2onnx", "torch", "transformers", "tensorrt", "great-expectations")
+_TOOLS = (
+    "bladeflow",
+    "onnx",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "mlflow",
+    "prefect",
+    "numpy",
+    "tensorflow-cpu",
+    "tf2onnx",
+    "torch",
+    "transformers",
+    "tensorrt",
+    "great-expectations",
+)
 
 
 @functools.cache
@@ -57,7 +85,10 @@ def _gpus() -> list[str]:
     try:
         out = subprocess.run(
             [smi, "--query-gpu=name,memory.total", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return []

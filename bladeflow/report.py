@@ -12,16 +12,18 @@ def latency_table(result: OptimizeResult) -> list[dict[str, str]]:
     rows = []
     for bs, chosen in sorted(result.latency_ms["chosen"].items()):
         src = result.latency_ms["source"][bs]
-        rows.append({
-            "batch": str(bs),
-            "source p50 ms": f"{src.p50_ms:.3f}",
-            "optimized p50 ms": f"{chosen.p50_ms:.3f}",
-            "optimized p99 ms": f"{chosen.p99_ms:.3f}",
-            "speedup": f"{result.speedup[bs]:.2f}x",
-            "throughput /s": f"{chosen.throughput:.0f}",
-            "max abs err": f"{worst_abs:.2e}",
-            "min cosine": f"{worst_cos:.6f}",
-        })
+        rows.append(
+            {
+                "batch": str(bs),
+                "source p50 ms": f"{src.p50_ms:.3f}",
+                "optimized p50 ms": f"{chosen.p50_ms:.3f}",
+                "optimized p99 ms": f"{chosen.p99_ms:.3f}",
+                "speedup": f"{result.speedup[bs]:.2f}x",
+                "throughput /s": f"{chosen.throughput:.0f}",
+                "max abs err": f"{worst_abs:.2e}",
+                "min cosine": f"{worst_cos:.6f}",
+            }
+        )
     return rows
 
 
@@ -45,8 +47,8 @@ def candidates_markdown(
 ) -> str:
     """One row per candidate: gate verdict, worst error, latency at the objective batch."""
     lines = [
-        f"| candidate | accuracy gate | max abs error | min cosine | p50 ms @ batch {objective_batch}"
-        " | decision |",
+        "| candidate | accuracy gate | max abs error | min cosine "
+        f"| p50 ms @ batch {objective_batch} | decision |",
         "|---|---|---|---|---|---|",
     ]
     for name, acc in accuracy.items():
@@ -72,7 +74,8 @@ def summary_markdown(result: OptimizeResult, candidates_md: str, source: str) ->
     head = (
         "> Accuracy was judged on synthetic inputs generated from the signature; they cannot "
         "judge quantization. Pass --data for a real verdict.\n\n"
-        if result.synthetic_data else ""
+        if result.synthetic_data
+        else ""
     )
     rows = latency_table(result)
     cols = list(rows[0]) if rows else []

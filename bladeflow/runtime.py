@@ -64,14 +64,16 @@ def make_session(path: str | Path, config: SessionConfig | None = None) -> ort.I
         return ort.InferenceSession(
             str(path), sess_options=session_options(config), providers=available_providers(config)
         )
-    except (ort.capi.onnxruntime_pybind11_state.Fail,
-            ort.capi.onnxruntime_pybind11_state.InvalidGraph,
-            ort.capi.onnxruntime_pybind11_state.NotImplemented,
-            ort.capi.onnxruntime_pybind11_state.InvalidArgument) as exc:
+    except (
+        ort.capi.onnxruntime_pybind11_state.Fail,
+        ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+        ort.capi.onnxruntime_pybind11_state.NotImplemented,
+        ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+    ) as exc:
         raise ModelFileError(
-            f"ONNX Runtime {ort.__version__} cannot load {path}: {_first_line(exc)}. If it names an "
-            "operator that is not implemented, re-export the model with an older opset or register "
-            "the operator as a custom op."
+            f"ONNX Runtime {ort.__version__} cannot load {path}: {_first_line(exc)}. If it names "
+            "an operator that is not implemented, re-export the model with an older opset or "
+            "register the operator as a custom op."
         ) from exc
 
 

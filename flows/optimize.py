@@ -130,7 +130,7 @@ def build_candidate_task(recipe: Recipe, model: ModelArtifact, workdir: Path) ->
 def reference_task(model: ModelArtifact, data: DataRef, workdir: Path) -> str:
     outputs = predict(model, REFERENCE_SESSION, read_data(data))
     path = workdir / "reference_outputs.npz"
-    np.savez(path, **outputs)
+    np.savez(path, **outputs)  # type: ignore[arg-type]  # numpy's stub types **kwds too narrowly
     return str(path)
 
 
@@ -143,7 +143,9 @@ def validate_task(
     outputs = predict(candidate.artifact, candidate.session, read_data(data))
     report = compare(candidate.name, outputs, ref, tolerance, data.synthetic)
     get_run_logger().info(
-        "validate: %s %s%s", candidate.name, "passed" if report.passed else "FAILED",
+        "validate: %s %s%s",
+        candidate.name,
+        "passed" if report.passed else "FAILED",
         "" if report.passed else f" ({report.reason})",
     )
     return report
@@ -158,8 +160,11 @@ def benchmark_task(
 ) -> BenchmarkReport:
     logger = get_run_logger()
     return benchmark(
-        models, read_data(data), batch_sizes,
-        BenchmarkSettings(**settings.model_dump()), progress=logger.info,
+        models,
+        read_data(data),
+        batch_sizes,
+        BenchmarkSettings(**settings.model_dump()),
+        progress=logger.info,
     )
 
 
@@ -168,17 +173,27 @@ def start_run_task(settings: Settings, name: str, params: dict[str, Any]) -> str
     return reg.start_run(settings, name, params)
 
 
-@task(name="register", retries=2, retry_delay_seconds=[2, 5],
-      retry_condition_fn=lambda task, run, state: not isinstance(
-          state.result(raise_on_failure=False), UserInputError))
+@task(
+    name="register",
+    retries=2,
+    retry_delay_seconds=[2, 5],
+    retry_condition_fn=lambda task, run, state: (
+        not isinstance(state.result(raise_on_failure=False), UserInputError)
+    ),
+)
 def register_task(
-    settings: Settings, run_id: str, name: str, candidate: Candidate, tags: dict[str, str],
-    description: str, input_example: dict[str, np.ndarray] | None,
+    settings: Settings,
+    run_id: str,
+    name: str,
+    candidate: Candidate,
+    tags: dict[str, str],
+    description: str,
+    input_example: dict[str, np.ndarray] | None,
 ) -> tuple[str, str]:
-    version, uri = reg.register(settings, run_id, name, candidate, tags, description,
-                                input_example)
-    get_run_logger().info("register: %s is version %s of %r (alias %r)", uri, version, name,
-                          registry.ALIAS_CANDIDATE)
+    version, uri = reg.register(settings, run_id, name, candidate, tags, description, input_example)
+    get_run_logger().info(
+        "register: %s is version %s of %r (alias %r)", uri, version, name, registry.ALIAS_CANDIDATE
+    )
     return version, uri
 
 
@@ -194,7 +209,9 @@ def optimize_flow(params: OptimizeParams) -> OptimizeResult:
         AccuracyGateError: no candidate passed the accuracy gate (nothing gets an alias).
     """
     settings = Settings.from_env().with_tracking_uri(params.tracking_uri)
-    run_dir = settings.workdir / f"{params.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    run_dir = (
+        settings.workdir / f"{params.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    )
     reports_dir = run_dir / "reports"
     reports_dir.mkdir(parents=True, exist_ok=True)
     stages: list[StageResult] = []
@@ -207,14 +224,18 @@ def optimize_flow(params: OptimizeParams) -> OptimizeResult:
         data = prepare_data_task(model, params.data, run_dir)
     recipes = resolve_recipes(params.preset, params.passes)
 
-    run_id = start_run_task(settings, params.name, {
-        **params.model_dump(exclude={"tolerance", "bench", "tracking_uri"}),
-        **{f"tolerance.{k}": v for k, v in params.tolerance.model_dump().items()},
-        "recipes": [r.model_dump(mode="json") for r in recipes],
-        "source_sha256": model.provenance.parent_sha256,
-        "synthetic_data": data.synthetic,
-        "hardware": hardware(),
-    })
+    run_id = start_run_task(
+        settings,
+        params.name,
+        {
+            **params.model_dump(exclude={"tolerance", "bench", "tracking_uri"}),
+            **{f"tolerance.{k}": v for k, v in params.tolerance.model_dump().items()},
+            "recipes": [r.model_dump(mode="json") for r in recipes],
+            "source_sha256": model.provenance.parent_sha256,
+            "synthetic_data": data.synthetic,
+            "hardware": hardware(),
+        },
+    )
     try:
         with _stage(stages, "optimize") as st:
             candidates, build_failures = _build_all(recipes, model, run_dir / "candidates")
@@ -222,13 +243,18 @@ def optimize_flow(params: OptimizeParams) -> OptimizeResult:
 
         with _stage(stages, "validate") as st:
             reference = reference_task(model, data, run_dir)
-            futures = [validate_task.submit(c, reference, data, params.tolerance)
-                       for c in candidates]
+            futures = [
+                validate_task.submit(c, reference, data, params.tolerance) for c in candidates
+            ]
             accuracy = {c.name: f.result() for c, f in zip(candidates, futures, strict=True)}
             for name, reason in build_failures.items():
-                accuracy[name] = AccuracyReport(candidate=name, passed=False, outputs={},
-                                                reason=f"pass failed: {reason}",
-                                                synthetic_data=data.synthetic)
+                accuracy[name] = AccuracyReport(
+                    candidate=name,
+                    passed=False,
+                    outputs={},
+                    reason=f"pass failed: {reason}",
+                    synthetic_data=data.synthetic,
+                )
             passing = [c for c in candidates if accuracy[c.name].passed]
             st.outputs = {"passed": [c.name for c in passing]}
             st.metrics = {f"{n}.passed": float(a.passed) for n, a in accuracy.items()}
@@ -238,14 +264,17 @@ def optimize_flow(params: OptimizeParams) -> OptimizeResult:
             reasons = {n: a.reason for n, a in accuracy.items()}
             (reports_dir / "accuracy.json").write_text(_dump_json(accuracy))
             (reports_dir / "candidates.md").write_text(
-                candidates_markdown(accuracy, None, None, objective_batch))
+                candidates_markdown(accuracy, None, None, objective_batch)
+            )
             reg.log_artifacts(settings, run_id, reports_dir, "reports")
             raise AccuracyGateError(
-                "no candidate passed the accuracy gate (" + "; ".join(
-                    f"{n}: {r}" for n, r in reasons.items()) + "). Nothing was registered. "
+                "no candidate passed the accuracy gate ("
+                + "; ".join(f"{n}: {r}" for n, r in reasons.items())
+                + "). Nothing was registered. "
                 "Loosen the tolerance (--atol/--rtol/--min-cosine) only if these errors are "
                 "acceptable for your task.",
-                reasons, run_id,
+                reasons,
+                run_id,
             )
 
         with _stage(stages, "benchmark") as st:
@@ -265,22 +294,35 @@ def optimize_flow(params: OptimizeParams) -> OptimizeResult:
         with _stage(stages, "register"):
             tags = _version_tags(params, model, chosen, data)
             example = {k: v[:1] for k, v in read_data(data).items()}
-            version, uri = register_task(settings, run_id, params.name, chosen, tags, summary,
-                                         example)
-        result = result.model_copy(update={"version": version, "model_uri": uri,
-                                           "stages": stages})
-        create_markdown_artifact(summary,
-                                 key="optimize-summary", description=f"{params.name} v{version}")
-        reg.end_run(settings, run_id, "FINISHED",
-                    {"bladeflow.outcome": "registered", "bladeflow.version": version})
+            version, uri = register_task(
+                settings, run_id, params.name, chosen, tags, summary, example
+            )
+        result = result.model_copy(update={"version": version, "model_uri": uri, "stages": stages})
+        create_markdown_artifact(
+            summary, key="optimize-summary", description=f"{params.name} v{version}"
+        )
+        reg.end_run(
+            settings,
+            run_id,
+            "FINISHED",
+            {"bladeflow.outcome": "registered", "bladeflow.version": version},
+        )
         return result
     except AccuracyGateError as exc:
-        reg.end_run(settings, run_id, "FAILED",
-                    {"bladeflow.outcome": "accuracy_gate_failed", "bladeflow.reason": str(exc)[:5000]})
+        reg.end_run(
+            settings,
+            run_id,
+            "FAILED",
+            {"bladeflow.outcome": "accuracy_gate_failed", "bladeflow.reason": str(exc)[:5000]},
+        )
         raise
     except BaseException as exc:
-        reg.end_run(settings, run_id, "FAILED",
-                    {"bladeflow.outcome": "error", "bladeflow.reason": str(exc)[:5000]})
+        reg.end_run(
+            settings,
+            run_id,
+            "FAILED",
+            {"bladeflow.outcome": "error", "bladeflow.reason": str(exc)[:5000]},
+        )
         raise
 
 
@@ -319,6 +361,7 @@ def _build_all(
 
 def _select(passing: list[Candidate], bench: BenchmarkReport, kind: str, batch: int) -> Candidate:
     """The best candidate on the objective; ties go to the earlier (simpler) recipe."""
+
     def score(c: Candidate) -> float:
         per = bench.models[c.name]
         stats = per.get(batch) or per[min(per)]
@@ -328,20 +371,33 @@ def _select(passing: list[Candidate], bench: BenchmarkReport, kind: str, batch: 
 
 
 def _result(
-    params: OptimizeParams, settings: Settings, run_id: str, chosen: Candidate,
-    accuracy: dict[str, AccuracyReport], bench: BenchmarkReport, data: DataRef,
+    params: OptimizeParams,
+    settings: Settings,
+    run_id: str,
+    chosen: Candidate,
+    accuracy: dict[str, AccuracyReport],
+    bench: BenchmarkReport,
+    data: DataRef,
     stages: list[StageResult],
 ) -> OptimizeResult:
     src, opt = bench.models[SOURCE], bench.models[chosen.name]
     return OptimizeResult(
-        name=params.name, version="pending", model_uri="", run_id=run_id,
-        candidate=chosen.name, recipe=chosen.recipe, session=chosen.session,
+        name=params.name,
+        version="pending",
+        model_uri="",
+        run_id=run_id,
+        candidate=chosen.name,
+        recipe=chosen.recipe,
+        session=chosen.session,
         accuracy=accuracy[chosen.name].outputs,
         latency_ms={"source": src, "chosen": opt},
-        throughput={"source": {b: s.throughput for b, s in src.items()},
-                    "chosen": {b: s.throughput for b, s in opt.items()}},
+        throughput={
+            "source": {b: s.throughput for b, s in src.items()},
+            "chosen": {b: s.throughput for b, s in opt.items()},
+        },
         speedup={b: (src[b].p50_ms / opt[b].p50_ms if opt[b].p50_ms else 0.0) for b in opt},
-        synthetic_data=data.synthetic, stages=stages,
+        synthetic_data=data.synthetic,
+        stages=stages,
     )
 
 
@@ -379,21 +435,26 @@ def _latency_metrics(bench: BenchmarkReport, result: OptimizeResult) -> dict[str
         for bs, s in per.items():
             for key in ("p50_ms", "p90_ms", "p99_ms", "throughput"):
                 metrics[f"latency.{label}.b{bs}.{key}"] = getattr(s, key)
-    for bs, s in result.speedup.items():
-        metrics[f"speedup.b{bs}"] = s
+    for bs, ratio in result.speedup.items():
+        metrics[f"speedup.b{bs}"] = ratio
     return metrics
 
 
 def _write_reports(
-    folder: Path, accuracy: dict[str, AccuracyReport], bench: BenchmarkReport,
-    candidates_md: str, summary: str, stages: list[StageResult],
+    folder: Path,
+    accuracy: dict[str, AccuracyReport],
+    bench: BenchmarkReport,
+    candidates_md: str,
+    summary: str,
+    stages: list[StageResult],
 ) -> None:
     (folder / "accuracy.json").write_text(_dump_json(accuracy))
     (folder / "benchmark.json").write_text(bench.model_dump_json(indent=2))
     (folder / "candidates.md").write_text(candidates_md)
     (folder / "summary.md").write_text(summary)
     (folder / "stages.json").write_text(
-        json.dumps([s.model_dump(mode="json") for s in stages], indent=2))
+        json.dumps([s.model_dump(mode="json") for s in stages], indent=2)
+    )
 
 
 def _dump_json(reports: dict[str, AccuracyReport]) -> str:

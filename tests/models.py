@@ -19,11 +19,20 @@ def _save(graph: onnx.GraphProto, path: Path, opset: int = OPSET) -> Path:
     return path
 
 
-def mlp(path: Path, features: int = 8, hidden: int = 16, outputs: int = 4, seed: int = 0,
-        batch: int | str = "batch", scale: float = 1.0) -> Path:
+def mlp(
+    path: Path,
+    features: int = 8,
+    hidden: int = 16,
+    outputs: int = 4,
+    seed: int = 0,
+    batch: int | str = "batch",
+    scale: float = 1.0,
+) -> Path:
     """features -> Linear -> Relu -> Linear -> outputs ("x" -> "y")."""
     rng = np.random.default_rng(seed)
-    w1 = numpy_helper.from_array((rng.standard_normal((features, hidden)) * scale).astype(np.float32), "w1")
+    w1 = numpy_helper.from_array(
+        (rng.standard_normal((features, hidden)) * scale).astype(np.float32), "w1"
+    )
     b1 = numpy_helper.from_array(rng.standard_normal(hidden).astype(np.float32), "b1")
     w2 = numpy_helper.from_array(rng.standard_normal((hidden, outputs)).astype(np.float32), "w2")
     graph = helper.make_graph(
@@ -57,8 +66,12 @@ def token_model(path: Path, vocab: int = 32, dim: int = 8) -> Path:
             helper.make_node("Div", ["s", "n"], ["pooled"]),
         ],
         "tokens",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
-         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "sequence"])],
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+            helper.make_tensor_value_info(
+                "attention_mask", TensorProto.INT64, ["batch", "sequence"]
+            ),
+        ],
         [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["batch", dim])],
         initializer=[emb, axes, numpy_helper.from_array(np.array([2], dtype=np.int64), "axes2")],
     )
@@ -87,8 +100,9 @@ def unknown_op(path: Path) -> Path:
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
-                                                    helper.make_opsetid("com.example", 1)])
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.example", 1)]
+    )
     model.ir_version = 8
     onnx.save(model, str(path))
     return path

@@ -20,8 +20,9 @@ def _run(args: list[str], home: Path, timeout: int = 300) -> subprocess.Complete
     env = {**os.environ, "BLADEFLOW_HOME": str(home)}
     env.pop("PREFECT_HOME", None)  # the CLI puts Prefect's state under BLADEFLOW_HOME
     env.pop("PREFECT_API_URL", None)
-    return subprocess.run([*BIN, *args], capture_output=True, text=True, env=env,
-                          timeout=timeout, cwd=home.parent)
+    return subprocess.run(
+        [*BIN, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=home.parent
+    )
 
 
 def _registered(home: Path) -> list[str]:
@@ -41,15 +42,32 @@ def test_help_explains_options(tmp_path: Path):
         assert option in out.stdout
 
 
+def _missing(d: Path) -> Path:
+    return d / "missing.onnx"
+
+
+def _empty(d: Path) -> Path:
+    (d / "empty.onnx").write_bytes(b"")
+    return d / "empty.onnx"
+
+
+def _pickle_named_pt(d: Path) -> Path:
+    (d / "m.pt").write_bytes(b"\x80\x02}q")
+    return d / "m.pt"
+
+
+def _garbage_onnx(d: Path) -> Path:
+    (d / "bad.onnx").write_bytes(b"\x08\x07garbage" * 50)
+    return d / "bad.onnx"
+
+
 @pytest.mark.parametrize(
     ("make", "needle"),
     [
-        (lambda d: d / "missing.onnx", "does not exist"),
-        (lambda d: (d / "empty.onnx").write_bytes(b"") and d / "empty.onnx" or d / "empty.onnx",
-         "empty"),
-        (lambda d: (d / "m.pt").write_bytes(b"\x80\x02}q") and d / "m.pt", "cannot tell"),
-        (lambda d: (d / "bad.onnx").write_bytes(b"\x08\x07garbage" * 50) and d / "bad.onnx",
-         "not a readable ONNX model|fails the ONNX checker|no graph"),
+        (_missing, "does not exist"),
+        (_empty, "empty"),
+        (_pickle_named_pt, "cannot tell"),
+        (_garbage_onnx, "not a readable ONNX model|fails the ONNX checker|no graph"),
     ],
 )
 def test_bad_model_files_exit_2_without_traceback(tmp_path: Path, make, needle: str):
@@ -104,13 +122,34 @@ def test_optimize_json_registers_a_version(tmp_path: Path):
     src = models.mlp(tmp_path / "fresh.onnx", features=6, hidden=10, outputs=3, seed=7, batch=1)
     home = tmp_path / "home"
     # execute
-    out = _run(["optimize", str(src), "--name", "fresh", "--json", "--bench-rounds", "2",
-                "--bench-iterations", "3"], home)
+    out = _run(
+        [
+            "optimize",
+            str(src),
+            "--name",
+            "fresh",
+            "--json",
+            "--bench-rounds",
+            "2",
+            "--bench-iterations",
+            "3",
+        ],
+        home,
+    )
     # assert
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout)
-    for key in ("name", "version", "model_uri", "run_id", "recipe", "accuracy", "latency_ms",
-                "throughput", "speedup"):
+    for key in (
+        "name",
+        "version",
+        "model_uri",
+        "run_id",
+        "recipe",
+        "accuracy",
+        "latency_ms",
+        "throughput",
+        "speedup",
+    ):
         assert key in result
     assert result["name"] == "fresh" and result["version"] == "1"
     assert set(result["latency_ms"]["source"]) == {"1"}  # fixed batch: 8 and 32 skipped

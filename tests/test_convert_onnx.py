@@ -54,7 +54,7 @@ def test_text_file_is_refused(tmp_path: Path):
 
 def test_unknown_operator_names_it(tmp_path: Path):
     src = models.unknown_op(tmp_path / "custom.onnx")
-    with pytest.raises(ModelFileError, match="FancyOp|custom op"):
+    with pytest.raises(ModelFileError, match=r"FancyOp|custom op"):
         load_onnx_source(src, tmp_path / "w")
 
 

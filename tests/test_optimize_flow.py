@@ -30,8 +30,9 @@ def test_flow_registers_the_chosen_model_with_schema_tags(
     src = models.mlp(tmp_path / "mlp.onnx", features=8)
     data = tmp_path / "val.npz"
     np.savez(data, x=np.random.default_rng(0).standard_normal((20, 8)).astype(np.float32))
-    params = OptimizeParams(source=str(src), name="mlp-test", data=str(data),
-                            batch_sizes=[1, 4], bench=bench_fast)
+    params = OptimizeParams(
+        source=str(src), name="mlp-test", data=str(data), batch_sizes=[1, 4], bench=bench_fast
+    )
     # execute
     result = optimize_flow(params)
     # assert: the result
@@ -40,7 +41,13 @@ def test_flow_registers_the_chosen_model_with_schema_tags(
     assert set(result.latency_ms["chosen"]) == {1, 4} and set(result.speedup) == {1, 4}
     assert result.accuracy["y"].max_abs_error < 1e-4 and not result.synthetic_data
     assert [s.stage for s in result.stages] == [
-        "convert", "prepare-data", "optimize", "validate", "benchmark", "register"]
+        "convert",
+        "prepare-data",
+        "optimize",
+        "validate",
+        "benchmark",
+        "register",
+    ]
     assert all(s.status == "OK" for s in result.stages)
     # assert: the registry
     c = _client(settings)
@@ -76,8 +83,9 @@ def test_second_run_registers_a_new_version_and_moves_the_alias(
 ):
     src = models.token_model(tmp_path / "tok.onnx")
     for _ in range(2):
-        result = optimize_flow(OptimizeParams(source=str(src), name="tok", batch_sizes=[2],
-                                              bench=bench_fast))
+        result = optimize_flow(
+            OptimizeParams(source=str(src), name="tok", batch_sizes=[2], bench=bench_fast)
+        )
     assert result.version == "2" and result.synthetic_data
     c = _client(settings)
     assert str(c.get_model_version_by_alias("tok", "candidate").version) == "2"

@@ -30,8 +30,12 @@ def test_defaults_live_under_dot_bladeflow(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_environment_and_flags_override(tmp_path: Path):
-    s = Settings.from_env(environ={"BLADEFLOW_HOME": str(tmp_path / "h"),
-                                   "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"})
+    s = Settings.from_env(
+        environ={
+            "BLADEFLOW_HOME": str(tmp_path / "h"),
+            "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000",
+        }
+    )
     assert s.home == tmp_path / "h"
     assert s.tracking_uri == "http://127.0.0.1:5000"
     flagged = s.with_tracking_uri("sqlite:///x.db")
@@ -50,8 +54,9 @@ def test_model_names_refused_with_advice(name: str):
 
 
 def test_recipe_round_trips_runtime_config():
-    session = SessionConfig(graph_optimization_level="disable", intra_op_num_threads=2,
-                            allow_spinning=False)
+    session = SessionConfig(
+        graph_optimization_level="disable", intra_op_num_threads=2, allow_spinning=False
+    )
     text = registry.recipe_json([PassRecord(name="ort_graph", config={"level": "all"})], session)
     steps = json.loads(text)
     assert [s["name"] for s in steps] == ["ort_graph", registry.RUNTIME_STEP]
@@ -62,14 +67,26 @@ def test_import_does_not_load_heavy_frameworks_or_touch_home(tmp_path: Path):
     # setup: an empty HOME shows any write into the user's home
     code = (
         "import sys, flows.optimize, serving, tasks.convert.onnx_source, bladeflow.cli;"
-        "heavy = [m for m in ('torch', 'tensorflow', 'tensorrt', 'transformers') if m in sys.modules];"
+        "heavy = [m for m in ('torch', 'tensorflow', 'tensorrt', 'transformers')"
+        " if m in sys.modules];"
         "print(','.join(heavy))"
     )
-    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin",
-           "PREFECT_HOME": str(tmp_path / "ph"), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env = {
+        "HOME": str(tmp_path),
+        "PATH": "/usr/bin:/bin",
+        "PREFECT_HOME": str(tmp_path / "ph"),
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
     # execute
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         cwd=Path(__file__).parents[1], timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).parents[1],
+        timeout=120,
+        check=True,
+    )
     # assert
     assert out.stdout.strip() == ""
     assert list(tmp_path.iterdir()) == [] or not (tmp_path / ".prefect").exists()

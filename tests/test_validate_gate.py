@@ -11,16 +11,21 @@ from tasks.validate.accuracy import compare
 from tasks.validate.data import check_dataset, load_npz, synthesize
 
 SIG = Signature(
-    inputs=[TensorSpec(name="ids", dtype="int64", shape=["batch", "seq"]),
-            TensorSpec(name="attention_mask", dtype="int64", shape=["batch", "seq"]),
-            TensorSpec(name="img", dtype="float32", shape=["batch", 3])],
+    inputs=[
+        TensorSpec(name="ids", dtype="int64", shape=["batch", "seq"]),
+        TensorSpec(name="attention_mask", dtype="int64", shape=["batch", "seq"]),
+        TensorSpec(name="img", dtype="float32", shape=["batch", 3]),
+    ],
     outputs=[TensorSpec(name="y", dtype="float32", shape=["batch", 2])],
 )
 
 
 def _good(n: int = 4) -> dict[str, np.ndarray]:
-    return {"ids": np.zeros((n, 5), np.int64), "attention_mask": np.ones((n, 5), np.int64),
-            "img": np.zeros((n, 3), np.float32)}
+    return {
+        "ids": np.zeros((n, 5), np.int64),
+        "attention_mask": np.ones((n, 5), np.int64),
+        "img": np.zeros((n, 3), np.float32),
+    }
 
 
 def test_matching_data_is_cast_to_model_dtypes():
@@ -54,7 +59,7 @@ def test_npz_round_trip_and_errors(tmp_path: Path):
     path = tmp_path / "d.npz"
     np.savez(path, **_good())
     assert set(load_npz(path, SIG)) == {"ids", "attention_mask", "img"}
-    with pytest.raises(DataError, match="not a .npz"):
+    with pytest.raises(DataError, match=r"not a \.npz"):
         load_npz(tmp_path / "d.csv", SIG) if (tmp_path / "d.csv").write_text("a") else None
     (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04garbage")
     with pytest.raises(DataError, match="cannot read"):

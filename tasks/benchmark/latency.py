@@ -79,8 +79,9 @@ def benchmark(
                     if t1 - round_start > budget:
                         break
     return BenchmarkReport(
-        models={label: {bs: _stats(bs, ts) for bs, ts in per.items()}
-                for label, per in timings.items()},
+        models={
+            label: {bs: _stats(bs, ts) for bs, ts in per.items()} for label, per in timings.items()
+        },
         skipped_batch_sizes=skipped,
         shapes={k: list(v.shape[1:]) for k, v in data.items()},
     )
@@ -98,4 +99,3 @@ def _stats(batch_size: int, ms: list[float]) -> LatencyStats:
         throughput=float(batch_size * 1000.0 / p50) if p50 > 0 else 0.0,
         iterations=len(ms),
     )
-

@@ -8,6 +8,7 @@ version is deleted again: a half-registered version never stays behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -40,8 +41,9 @@ def ensure_experiment(settings: Settings) -> str:
         if exp is not None:
             return str(exp.experiment_id)
         try:
-            return str(c.create_experiment(settings.experiment,
-                                           artifact_location=settings.artifact_root))
+            return str(
+                c.create_experiment(settings.experiment, artifact_location=settings.artifact_root)
+            )
         except MlflowException:
             exp = c.get_experiment_by_name(settings.experiment)  # created concurrently
             if exp is None:
@@ -72,11 +74,10 @@ def log_metrics(settings: Settings, run_id: str, metrics: dict[str, float]) -> N
     from mlflow.entities import Metric
 
     now = _now_ms()
-    items = [Metric(metric_name(k), float(v), now, 0) for k, v in metrics.items()
-             if np.isfinite(v)]
+    items = [Metric(metric_name(k), float(v), now, 0) for k, v in metrics.items() if np.isfinite(v)]
     c = client(settings)
     for start in range(0, len(items), 500):  # MLflow caps a batch at 1000 entries
-        c.log_batch(run_id, metrics=items[start:start + 500])
+        c.log_batch(run_id, metrics=items[start : start + 500])
 
 
 def log_artifacts(settings: Settings, run_id: str, folder: Path, artifact_path: str) -> None:
@@ -136,8 +137,12 @@ def register(
     version = None
     try:
         mv = c.create_model_version(
-            name=name, source=info.model_uri, run_id=run_id, tags=tags,
-            description=description, model_id=info.model_id,
+            name=name,
+            source=info.model_uri,
+            run_id=run_id,
+            tags=tags,
+            description=description,
+            model_id=info.model_id,
         )
         version = str(mv.version)
         _await_ready(c, name, version)
@@ -167,7 +172,8 @@ def _ensure_registered_model(c: Any, name: str) -> None:
             raise
     try:
         c.create_registered_model(
-            name, tags={registry.MODEL_TAG_CANARY_WEIGHT: "0"},
+            name,
+            tags={registry.MODEL_TAG_CANARY_WEIGHT: "0"},
             description="Registered by bladeflow. Versions carry bladeflow.* tags.",
         )
     except MlflowException as exc:
@@ -193,10 +199,9 @@ def _await_ready(c: Any, name: str, version: str, timeout_s: float = 300) -> Non
 def _delete_quietly(c: Any, name: str, version: str) -> None:
     from mlflow.exceptions import MlflowException
 
-    try:
+    # The original error is what the user needs; a leftover would carry no alias anyway.
+    with contextlib.suppress(MlflowException):
         c.delete_model_version(name, version)
-    except MlflowException:
-        pass  # the original error is what the user needs; a leftover shows no alias/validated
 
 
 def _mlflow_signature(sig: Signature) -> Any:
@@ -204,11 +209,16 @@ def _mlflow_signature(sig: Signature) -> Any:
     from mlflow.types.schema import Schema, TensorSpec
 
     def schema(specs: list[Any]) -> Schema:
-        return Schema([
-            TensorSpec(np.dtype(s.dtype), tuple(d if isinstance(d, int) else -1 for d in s.shape),
-                       s.name)
-            for s in specs
-        ])
+        return Schema(
+            [
+                TensorSpec(
+                    np.dtype(s.dtype),
+                    tuple(d if isinstance(d, int) else -1 for d in s.shape),
+                    s.name,
+                )
+                for s in specs
+            ]
+        )
 
     return ModelSignature(inputs=schema(sig.inputs), outputs=schema(sig.outputs))
 
