@@ -30,13 +30,13 @@ HOME_OPTION = typer.Option(
     "--home",
     envvar="BLADEFLOW_HOME",
     help="Data folder for the default SQLite registry, artifacts and Prefect state "
-    "[default: ./.bladeflow].",
+    "(default: ./.bladeflow).",
 )
 TRACKING_OPTION = typer.Option(
     None,
     "--tracking-uri",
     envvar="MLFLOW_TRACKING_URI",
-    help="MLflow tracking URI, e.g. http://127.0.0.1:5000 [default: sqlite:///<home>/mlflow.db].",
+    help="MLflow tracking URI, e.g. http://127.0.0.1:5000 (default: sqlite:///<home>/mlflow.db).",
 )
 
 
@@ -52,7 +52,13 @@ def _fail(exc: BladeflowError) -> typer.Exit:
 
 @app.command()
 def optimize(
-    source: str = typer.Argument(..., help="Model to optimize: a .onnx file."),
+    source: str = typer.Argument(
+        ...,
+        help="Model to optimize: .onnx; TF SavedModel folder; Keras .keras/.h5; TorchScript "
+        ".pt/.ts; torch.export .pt2; 'pkg.module:factory'; Hugging Face model folder; "
+        "scikit-learn .skops; MLflow URI (models:/NAME/VERSION, models:/NAME@ALIAS, "
+        "runs:/RUN/PATH).",
+    ),
     name: str = typer.Option(
         ..., "--name", "-n", help="Registered model name in MLflow (letters, digits, _ - .)."
     ),
@@ -79,7 +85,30 @@ def optimize(
     ),
     preset: str = typer.Option("cpu", "--preset", help="Which recipes to try (cpu)."),
     model_format: str | None = typer.Option(
-        None, "--format", help="Source format if not detectable (onnx)."
+        None,
+        "--format",
+        help="Source format when the path does not tell (onnx, tf_savedmodel, keras, "
+        "torchscript, torch_export, torch_callable, huggingface, sklearn, mlflow).",
+    ),
+    signature: str | None = typer.Option(
+        None,
+        "--signature",
+        help="TensorFlow SavedModel serving signature (default: serving_default).",
+    ),
+    input_shape: list[str] = typer.Option(
+        [],
+        "--input-shape",
+        help="NAME:DIMS fixing an input's example shape, e.g. pixels:1x3x224x224 (repeatable). "
+        "Needed for TorchScript sources.",
+    ),
+    dynamic_axes: str | None = typer.Option(
+        None,
+        "--dynamic-axes",
+        help='JSON {name: {axis: dim_name}} for exporters, e.g. \'{"x": {"0": "batch"}}\'; '
+        "'{}' exports fixed shapes (default: batch and sequence dynamic).",
+    ),
+    target_opset: int | None = typer.Option(
+        None, "--target-opset", help="ONNX opset to export to, or to upgrade an ONNX model to."
     ),
     atol: float = typer.Option(1e-4, "--atol", help="Absolute error allowed per element."),
     rtol: float = typer.Option(1e-3, "--rtol", help="Error allowed relative to |source|."),
@@ -109,6 +138,10 @@ def optimize(
             name=name,
             data=str(data) if data else None,
             format=model_format,
+            signature=signature,
+            input_shapes=_input_shapes(input_shape),
+            dynamic_axes=_dynamic_axes(dynamic_axes),
+            target_opset=target_opset,
             batch_sizes=_batch_sizes(batch_sizes),
             objective=objective,
             passes=passes,
@@ -185,6 +218,39 @@ def _batch_sizes(text: str) -> list[int]:
     return sizes
 
 
+def _input_shapes(items: list[str]) -> dict[str, list[int]]:
+    shapes = {}
+    for item in items:
+        name, _, dims = item.rpartition(":")
+        try:
+            shapes[name] = [int(d) for d in dims.lower().split("x")]
+        except ValueError:
+            shapes[name] = []
+        if not name or not shapes[name] or any(d < 1 for d in shapes[name]):
+            raise _fail(
+                UserInputError(
+                    f"--input-shape {item!r} is not NAME:DIMS; write e.g. pixels:1x3x224x224"
+                )
+            )
+    return shapes
+
+
+def _dynamic_axes(text: str | None) -> dict[str, dict[int, str]] | None:
+    if text is None:
+        return None
+    import json
+
+    try:
+        raw = json.loads(text)
+        return {str(k): {int(a): str(n) for a, n in v.items()} for k, v in raw.items()}
+    except (ValueError, AttributeError, TypeError):
+        raise _fail(
+            UserInputError(
+                f'--dynamic-axes {text!r} is not JSON like \'{{"x": {{"0": "batch"}}}}\''
+            )
+        ) from None
+
+
 def _optimize_params(**kwargs: Any) -> Any:
     from pydantic import ValidationError
 
@@ -201,13 +267,17 @@ def _preflight(params: Any) -> None:
     """Fail fast on bad input, before the flow (and a Prefect server) starts."""
     import tempfile
 
-    from tasks.convert.detect import detect_format
+    from tasks.convert.dispatch import detect
     from tasks.convert.onnx_source import load_onnx_source
     from tasks.optimize.recipes import resolve_recipes
     from tasks.validate.data import load_npz
 
-    detect_format(params.source, params.format)
+    fmt = detect(params.source, params.format)
     resolve_recipes(params.preset, params.passes)
+    if params.data and not Path(params.data).exists():
+        raise UserInputError(f"validation data {params.data} does not exist")
+    if fmt != "onnx":
+        return  # other formats are checked by their converter, which needs the framework
     with tempfile.TemporaryDirectory(prefix="bladeflow-preflight-") as tmp:
         model = load_onnx_source(params.source, Path(tmp))
         if params.data:
@@ -234,6 +304,7 @@ def _print_result(result: Any, settings: Settings) -> None:
     typer.echo(
         f"\nRegistered {result.model_uri} (alias 'candidate'), chosen recipe: "
         f"{result.candidate}; MLflow run {result.run_id}\n"
+        f"Source latency measured with: {result.source_runtime}\n"
     )
     typer.echo(render_table(latency_table(result)))
     typer.echo(

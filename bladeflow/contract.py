@@ -203,5 +203,6 @@ class OptimizeResult(BaseModel):
     )
     throughput: dict[str, dict[int, float]]
     speedup: dict[int, float] = Field(description="batch size -> source p50 / chosen p50")
+    source_runtime: str = Field("", description="what ran the source in the benchmark")
     synthetic_data: bool
     stages: list[StageResult]

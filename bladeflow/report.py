@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 from bladeflow.contract import AccuracyReport, BenchmarkReport, OptimizeResult
 
 
@@ -39,34 +42,110 @@ def render_table(rows: list[dict[str, str]]) -> str:
     return "\n".join([line, sep, *body])
 
 
+def candidate_rows(
+    accuracy: dict[str, AccuracyReport],
+    bench: BenchmarkReport | None,
+    chosen: str | None,
+    objective_batch: int,
+) -> list[dict[str, Any]]:
+    """One row per candidate: gate verdict, worst error, objective latency, decision."""
+    rows = []
+    for name, acc in accuracy.items():
+        stats = bench.models.get(name, {}).get(objective_batch) if bench else None
+        if name == chosen:
+            decision = "chosen: best on the objective among those that passed"
+        elif not acc.passed:
+            decision = f"rejected: {acc.reason}"
+        else:
+            decision = "passed the gate, slower than the chosen one"
+        rows.append(
+            {
+                "candidate": name,
+                "gate": "pass" if acc.passed else "FAIL",
+                "max_abs_error": worst_abs_error(acc),
+                "min_cosine": worst_cosine(acc),
+                f"p50_ms@{objective_batch}": stats.p50_ms if stats else None,
+                "decision": decision,
+            }
+        )
+    return rows
+
+
 def candidates_markdown(
     accuracy: dict[str, AccuracyReport],
     bench: BenchmarkReport | None,
     chosen: str | None,
     objective_batch: int,
 ) -> str:
-    """One row per candidate: gate verdict, worst error, latency at the objective batch."""
-    lines = [
-        "| candidate | accuracy gate | max abs error | min cosine "
-        f"| p50 ms @ batch {objective_batch} | decision |",
-        "|---|---|---|---|---|---|",
+    """The candidate table as Markdown."""
+    rows = candidate_rows(accuracy, bench, chosen, objective_batch)
+    cols = [
+        "candidate",
+        "gate",
+        "max_abs_error",
+        "min_cosine",
+        f"p50_ms@{objective_batch}",
+        "decision",
     ]
-    for name, acc in accuracy.items():
-        worst_abs = max((o.max_abs_error for o in acc.outputs.values()), default=float("nan"))
-        worst_cos = min((o.min_cosine for o in acc.outputs.values()), default=float("nan"))
-        stats = bench.models.get(name, {}).get(objective_batch) if bench else None
-        latency = f"{stats.p50_ms:.3f}" if stats else "-"
-        if name == chosen:
-            decision = "chosen (fastest that passed)"
-        elif not acc.passed:
-            decision = f"rejected: {acc.reason}"
-        else:
-            decision = "passed, slower"
-        lines.append(
-            f"| {name} | {'pass' if acc.passed else 'FAIL'} | {worst_abs:.3g} | {worst_cos:.6f} "
-            f"| {latency} | {decision} |"
-        )
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = [_fmt(r[c]) for c in cols]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def pareto_plot(
+    accuracy: dict[str, AccuracyReport],
+    bench: BenchmarkReport | None,
+    chosen: str | None,
+    objective_batch: int,
+    path: Path,
+) -> Path | None:
+    """PNG of latency vs worst error for every benchmarked candidate; the chosen one marked."""
+    if bench is None:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    for name, acc in accuracy.items():
+        stats = bench.models.get(name, {}).get(objective_batch)
+        if stats is None:
+            continue
+        err = max(worst_abs_error(acc), 1e-12)  # log axis: exact models sit at the floor
+        style = {"marker": "*", "s": 180, "color": "tab:red"} if name == chosen else {"s": 50}
+        ax.scatter([stats.p50_ms], [err], **style)
+        ax.annotate(
+            name, (stats.p50_ms, err), textcoords="offset points", xytext=(5, 5), fontsize=8
+        )
+    ax.set_xlabel(f"p50 latency at batch {objective_batch} (ms)")
+    ax.set_ylabel("max abs error vs source (log)")
+    ax.set_yscale("log")
+    ax.set_title("Candidates: latency vs error (star = chosen)")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def worst_abs_error(acc: AccuracyReport) -> float:
+    return max((o.max_abs_error for o in acc.outputs.values()), default=float("nan"))
+
+
+def worst_cosine(acc: AccuracyReport) -> float:
+    return min((o.min_cosine for o in acc.outputs.values()), default=float("nan"))
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.6f}" if 0.001 <= abs(value) < 1000 else f"{value:.3g}"
+    return str(value)
 
 
 def summary_markdown(result: OptimizeResult, candidates_md: str, source: str) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, Field, field_validator
 
 from bladeflow import registry
@@ -34,15 +34,26 @@ from bladeflow.contract import (
 )
 from bladeflow.environment import hardware
 from bladeflow.errors import AccuracyGateError, BladeflowError, UserInputError
-from bladeflow.report import candidates_markdown, summary_markdown
+from bladeflow.report import candidate_rows, candidates_markdown, pareto_plot, summary_markdown
 from bladeflow.settings import Settings
 from tasks.benchmark.latency import BenchmarkSettings, benchmark
-from tasks.convert.detect import detect_format
-from tasks.convert.onnx_source import load_onnx_source
+from tasks.convert.dispatch import ConvertOptions, convert_source, detect, open_source_runner
+from tasks.convert.verify import run_source
 from tasks.optimize.recipes import BASELINE, Recipe, build_candidate, resolve_recipes
 from tasks.register import mlflow_registry as reg
-from tasks.validate.accuracy import REFERENCE_SESSION, compare, predict
-from tasks.validate.prepare import prepare_data, read_data
+from tasks.validate.accuracy import REFERENCE_SESSION, predict
+from tasks.validate.data import fixed_batch
+from tasks.validate.gate import (
+    GateOutcome,
+    StepError,
+    accuracy_gate,
+    candidate_steps,
+    validate_chain,
+)
+from tasks.validate.gx import SuiteResult
+from tasks.validate.policy import DataPolicy, TolerancePolicy, policy_from_tolerance
+from tasks.validate.prepare import PreparedData, prepare_validation_data, read_data, read_labels
+from tasks.validate.report import RunResults, version_description, write_report
 
 SOURCE = "source"
 
@@ -61,13 +72,34 @@ class OptimizeParams(BaseModel):
 
     source: str = Field(description="model file/folder/URI to optimize")
     name: str = Field(description="registered model name in MLflow")
-    data: str | None = Field(None, description=".npz of validation inputs by input name")
+    data: str | None = Field(
+        None,
+        description="validation data: .npz / folder of .npy (arrays by input name), or "
+        ".parquet/.csv/.jsonl (columns = inputs, or text columns for a tokenizer)",
+    )
+    labels_column: str | None = Field(None, description="column with labels, for task metrics")
+    text_columns: list[str] | None = Field(None, description="text column(s) to tokenize")
+    calibration: str | None = Field(None, description="separate calibration data (int8 static)")
+    min_rows: int = Field(1, ge=1, description="fewest validation samples accepted")
     format: str | None = Field(None, description="source format; detected from the path if unset")
+    signature: str | None = Field(None, description="TensorFlow serving signature to export")
+    input_shapes: dict[str, list[int]] = Field(
+        default_factory=dict, description="input -> example/fixed shape, e.g. x: [1, 3, 224, 224]"
+    )
+    dynamic_axes: dict[str, dict[int, str]] | None = Field(
+        None, description="input/output -> axis -> dim name; default: batch (and sequence)"
+    )
+    target_opset: int | None = Field(None, description="ONNX opset to export or upgrade to")
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 8, 32])
     preset: str = Field("cpu", description="which candidate recipes to try")
     passes: str | None = Field(None, description="explicit recipes, e.g. 'ort_graph:level=all'")
     objective: str = Field("latency@1", description="latency@BATCH or throughput@BATCH")
     tolerance: Tolerance = Field(default_factory=Tolerance)
+    policy: TolerancePolicy | None = Field(
+        None,
+        description="full gate policy (presets, per-output overrides, task metric limit); "
+        "overrides `tolerance`",
+    )
     bench: BenchParams = Field(default_factory=BenchParams)
     tracking_uri: str | None = Field(None, description="MLflow tracking URI override")
 
@@ -105,20 +137,39 @@ def parse_objective(objective: str) -> tuple[str, int]:
 # Tasks: thin wrappers that give each stage a name, a log line and (for I/O) retries.
 
 
+def convert_options(params: OptimizeParams) -> ConvertOptions:
+    """The convert stage's options from the flow parameters."""
+    return ConvertOptions(
+        format=params.format,
+        signature=params.signature,
+        input_shapes=params.input_shapes,
+        dynamic_axes=params.dynamic_axes,
+        target_opset=params.target_opset,
+    )
+
+
 @task(name="convert")
-def convert_task(source: str, fmt: str | None, workdir: Path) -> ModelArtifact:
-    kind = detect_format(source, fmt)
-    get_run_logger().info("convert: admitting %s model %s", kind, source)
-    return load_onnx_source(source, workdir)
+def convert_task(source: str, options: ConvertOptions, workdir: Path) -> ModelArtifact:
+    kind = detect(source, options.format)
+    get_run_logger().info(
+        "convert: %s model %s -> ONNX (verified against the source)", kind, source
+    )
+    return convert_source(source, workdir, options)
 
 
 @task(name="prepare-data")
-def prepare_data_task(model: ModelArtifact, data: str | None, workdir: Path) -> DataRef:
-    ref = prepare_data(model, data, workdir)
-    get_run_logger().info(
-        "data: %d samples (%s)", ref.samples, "synthetic" if ref.synthetic else data
+def prepare_data_task(model: ModelArtifact, params: OptimizeParams, workdir: Path) -> PreparedData:
+    prepared = prepare_validation_data(
+        model,
+        params.data,
+        workdir,
+        labels_column=params.labels_column,
+        text_columns=params.text_columns,
+        calibration=params.calibration,
+        policy=DataPolicy(min_rows=params.min_rows),
     )
-    return ref
+    get_run_logger().info("data: %s", prepared.description or prepared.data.path)
+    return prepared
 
 
 @task(name="build-candidate", task_run_name="build-{recipe.name}")
@@ -127,45 +178,85 @@ def build_candidate_task(recipe: Recipe, model: ModelArtifact, workdir: Path) ->
 
 
 @task(name="reference-outputs")
-def reference_task(model: ModelArtifact, data: DataRef, workdir: Path) -> str:
-    outputs = predict(model, REFERENCE_SESSION, read_data(data))
+def reference_task(
+    source: str, options: ConvertOptions, model: ModelArtifact, data: DataRef, workdir: Path
+) -> str:
+    """Outputs of the source on the validation data: its own framework when it has one (so every
+    candidate is judged against the original model, conversion error included), else the ONNX
+    graph run literally (no ONNX Runtime graph optimizations)."""
+    runner = open_source_runner(source, options, model)
+    arrays = read_data(data)
+    if runner is not None:
+        get_run_logger().info("reference: running the source in %s", runner.name)
+        outputs = run_source(runner, arrays, fixed_batch(model.signature) or 32)
+    else:
+        outputs = predict(model, REFERENCE_SESSION, arrays)
     path = workdir / "reference_outputs.npz"
     np.savez(path, **outputs)  # type: ignore[arg-type]  # numpy's stub types **kwds too narrowly
     return str(path)
 
 
-@task(name="validate", task_run_name="validate-{candidate.name}")
+@task(name="validate", task_run_name="validate-{candidate.name}", persist_result=False)
 def validate_task(
-    candidate: Candidate, reference: str, data: DataRef, tolerance: Tolerance
-) -> AccuracyReport:
+    candidate: Candidate,
+    reference: str,
+    prepared: PreparedData,
+    policy: TolerancePolicy,
+    gx_dir: Path,
+) -> GateOutcome:
+    """The accuracy gate for one candidate: a GX suite over its per-sample errors."""
     with np.load(reference, allow_pickle=False) as npz:
         ref = {k: npz[k] for k in npz.files}
-    outputs = predict(candidate.artifact, candidate.session, read_data(data))
-    report = compare(candidate.name, outputs, ref, tolerance, data.synthetic)
+    outputs = predict(candidate.artifact, candidate.session, read_data(prepared.data))
+    outcome = accuracy_gate(
+        candidate.name,
+        outputs,
+        ref,
+        policy,
+        prepared.data.synthetic,
+        labels=read_labels(prepared),
+        gx_dir=gx_dir,
+    )
+    report = outcome.report
     get_run_logger().info(
         "validate: %s %s%s",
         candidate.name,
         "passed" if report.passed else "FAILED",
         "" if report.passed else f" ({report.reason})",
     )
-    return report
+    return outcome
 
 
 @task(name="benchmark")
 def benchmark_task(
-    models: dict[str, tuple[ModelArtifact, SessionConfig]],
+    source: str,
+    options: ConvertOptions,
+    model: ModelArtifact,
+    candidates: dict[str, tuple[ModelArtifact, SessionConfig]],
     data: DataRef,
     batch_sizes: list[int],
     settings: BenchParams,
-) -> BenchmarkReport:
+) -> tuple[BenchmarkReport, str]:
+    """Time the source (in its own framework when it has one) and every passing candidate."""
     logger = get_run_logger()
-    return benchmark(
+    runner = open_source_runner(source, options, model)
+    models = dict(candidates)
+    runners = {}
+    if runner is not None:
+        runners[SOURCE] = runner
+        source_runtime = runner.name
+    else:
+        models = {SOURCE: (model, SessionConfig()), **models}
+        source_runtime = "onnxruntime (default session)"
+    report = benchmark(
         models,
         read_data(data),
         batch_sizes,
         BenchmarkSettings(**settings.model_dump()),
         progress=logger.info,
+        runners=runners,
     )
+    return report, source_runtime
 
 
 @task(name="start-mlflow-run", retries=2, retry_delay_seconds=[2, 5])
@@ -218,18 +309,21 @@ def optimize_flow(params: OptimizeParams) -> OptimizeResult:
     kind, objective_batch = parse_objective(params.objective)
     batch_sizes = sorted({*params.batch_sizes, objective_batch})
 
+    options = convert_options(params)
     with _stage(stages, "convert"):
-        model = convert_task(params.source, params.format, run_dir / "converted")
+        model = convert_task(params.source, options, run_dir / "converted")
     with _stage(stages, "prepare-data"):
-        data = prepare_data_task(model, params.data, run_dir)
+        prepared = prepare_data_task(model, params, run_dir)
+    data = prepared.data
+    policy = params.policy or policy_from_tolerance(params.tolerance)
     recipes = resolve_recipes(params.preset, params.passes)
 
     run_id = start_run_task(
         settings,
         params.name,
         {
-            **params.model_dump(exclude={"tolerance", "bench", "tracking_uri"}),
-            **{f"tolerance.{k}": v for k, v in params.tolerance.model_dump().items()},
+            **params.model_dump(exclude={"tolerance", "bench", "tracking_uri", "policy"}),
+            "policy": policy.model_dump(mode="json"),
             "recipes": [r.model_dump(mode="json") for r in recipes],
             "source_sha256": model.provenance.parent_sha256,
             "synthetic_data": data.synthetic,
@@ -242,11 +336,13 @@ def optimize_flow(params: OptimizeParams) -> OptimizeResult:
             st.outputs = {"candidates": [c.name for c in candidates], "failed": build_failures}
 
         with _stage(stages, "validate") as st:
-            reference = reference_task(model, data, run_dir)
+            reference = reference_task(params.source, options, model, data, run_dir)
             futures = [
-                validate_task.submit(c, reference, data, params.tolerance) for c in candidates
+                validate_task.submit(c, reference, prepared, policy, reports_dir / "gx")
+                for c in candidates
             ]
-            accuracy = {c.name: f.result() for c, f in zip(candidates, futures, strict=True)}
+            outcomes = {c.name: f.result() for c, f in zip(candidates, futures, strict=True)}
+            accuracy = {n: o.report for n, o in outcomes.items()}
             for name, reason in build_failures.items():
                 accuracy[name] = AccuracyReport(
                     candidate=name,
@@ -261,11 +357,15 @@ def optimize_flow(params: OptimizeParams) -> OptimizeResult:
 
         reg.log_metrics(settings, run_id, _accuracy_metrics(accuracy))
         if not passing:
+            _log_candidates(
+                settings, run_id, recipes, accuracy, None, None, objective_batch, reports_dir
+            )
             reasons = {n: a.reason for n, a in accuracy.items()}
             (reports_dir / "accuracy.json").write_text(_dump_json(accuracy))
             (reports_dir / "candidates.md").write_text(
                 candidates_markdown(accuracy, None, None, objective_batch)
             )
+            _full_report(params, reports_dir, {**accuracy, **outcomes}, None, None, prepared, [])
             reg.log_artifacts(settings, run_id, reports_dir, "reports")
             raise AccuracyGateError(
                 "no candidate passed the accuracy gate ("
@@ -278,16 +378,37 @@ def optimize_flow(params: OptimizeParams) -> OptimizeResult:
             )
 
         with _stage(stages, "benchmark") as st:
-            models = {SOURCE: (model, SessionConfig())}
-            models.update({c.name: (c.artifact, c.session) for c in passing})
-            bench = benchmark_task(models, data, batch_sizes, params.bench)
+            bench, source_runtime = benchmark_task(
+                params.source,
+                options,
+                model,
+                {c.name: (c.artifact, c.session) for c in passing},
+                data,
+                batch_sizes,
+                params.bench,
+            )
             chosen = _select(passing, bench, kind, objective_batch)
             st.outputs = {"chosen": chosen.name}
 
+        _log_candidates(
+            settings, run_id, recipes, accuracy, bench, chosen.name, objective_batch, reports_dir
+        )
         result = _result(params, settings, run_id, chosen, accuracy, bench, data, stages)
+        result.source_runtime = source_runtime
         candidates_md = candidates_markdown(accuracy, bench, chosen.name, objective_batch)
         summary = summary_markdown(result, candidates_md, params.source)
         _write_reports(reports_dir, accuracy, bench, candidates_md, summary, stages)
+        chain = _chain(model, chosen, run_dir, prepared, policy, reference)
+        report_md = _full_report(
+            params,
+            reports_dir,
+            {**accuracy, **outcomes},
+            chosen,
+            bench,
+            prepared,
+            chain,
+            source_runtime,
+        )
         reg.log_metrics(settings, run_id, _latency_metrics(bench, result))
         reg.log_artifacts(settings, run_id, reports_dir, "reports")
 
@@ -295,11 +416,19 @@ def optimize_flow(params: OptimizeParams) -> OptimizeResult:
             tags = _version_tags(params, model, chosen, data)
             example = {k: v[:1] for k, v in read_data(data).items()}
             version, uri = register_task(
-                settings, run_id, params.name, chosen, tags, summary, example
+                settings,
+                run_id,
+                params.name,
+                chosen,
+                tags,
+                version_description(report_md),
+                example,
             )
         result = result.model_copy(update={"version": version, "model_uri": uri, "stages": stages})
         create_markdown_artifact(
-            summary, key="optimize-summary", description=f"{params.name} v{version}"
+            report_md + "\n\n## Candidates\n\n" + candidates_md,
+            key="optimize-report",
+            description=f"{params.name} v{version}",
         )
         reg.end_run(
             settings,
@@ -324,6 +453,105 @@ def optimize_flow(params: OptimizeParams) -> OptimizeResult:
             {"bladeflow.outcome": "error", "bladeflow.reason": str(exc)[:5000]},
         )
         raise
+
+
+def _chain(
+    model: ModelArtifact,
+    chosen: Candidate,
+    run_dir: Path,
+    prepared: PreparedData,
+    policy: TolerancePolicy,
+    reference: str,
+) -> list[StepError]:
+    """Error each pass of the chosen recipe introduced (the baseline has no passes)."""
+    recipe_dir = run_dir / "candidates" / chosen.name
+    if not chosen.recipe or not recipe_dir.is_dir():
+        return []
+    with np.load(reference, allow_pickle=False) as npz:
+        ref = {k: npz[k] for k in npz.files}
+    steps = candidate_steps(chosen, recipe_dir)
+    return validate_chain(model, steps, read_data(prepared.data), policy, reference=ref)
+
+
+def _full_report(
+    params: OptimizeParams,
+    reports_dir: Path,
+    accuracy: dict[str, Any],
+    chosen: Candidate | None,
+    bench: BenchmarkReport | None,
+    prepared: PreparedData,
+    chain: list[StepError],
+    source_runtime: str = "source",
+) -> str:
+    """Write the human report (Markdown + HTML + plots + GX JSON) and return its Markdown."""
+    suite = SuiteResult.load(Path(prepared.checks[0])) if prepared.checks else None
+    files = write_report(
+        reports_dir / "report",
+        RunResults(
+            name=params.name,
+            source=params.source,
+            synthetic_data=prepared.data.synthetic,
+            accuracy=accuracy,
+            chosen=chosen.name if chosen else None,
+            recipe=chosen.recipe if chosen else [],
+            session=chosen.session if chosen else None,
+            benchmark=bench,
+            source_label=SOURCE,
+            chain=chain,
+            data_description=prepared.description,
+            data_suite=suite,
+        ),
+    )
+    return Path(files.markdown).read_text()
+
+
+def _log_candidates(
+    settings: Settings,
+    run_id: str,
+    recipes: list[Recipe],
+    accuracy: dict[str, AccuracyReport],
+    bench: BenchmarkReport | None,
+    chosen: str | None,
+    objective_batch: int,
+    reports_dir: Path,
+) -> None:
+    """Nested MLflow run per candidate, the Pareto plot, and the Prefect candidate table."""
+    by_name = {r.name: r for r in recipes}
+    for name, acc in accuracy.items():
+        metrics = {
+            f"accuracy.{out}.{k}": getattr(a, k)
+            for out, a in acc.outputs.items()
+            for k in ("max_abs_error", "max_rel_error", "min_cosine", "mean_cosine")
+        }
+        for bs, s in (bench.models.get(name, {}) if bench else {}).items():
+            metrics.update(
+                {
+                    f"latency.b{bs}.p50_ms": s.p50_ms,
+                    f"latency.b{bs}.p99_ms": s.p99_ms,
+                    f"throughput.b{bs}": s.throughput,
+                }
+            )
+        recipe = by_name.get(name)
+        params = {
+            "recipe": [p.model_dump(mode="json") for p in recipe.passes] if recipe else [],
+            "session": recipe.session.model_dump(mode="json") if recipe else {},
+        }
+        decision = "chosen" if name == chosen else ("passed" if acc.passed else "rejected")
+        reg.log_candidate_run(
+            settings,
+            run_id,
+            name,
+            params,
+            metrics,
+            {"bladeflow.gate": decision, "bladeflow.reason": acc.reason[:5000]},
+        )
+    pareto_plot(accuracy, bench, chosen, objective_batch, reports_dir / "pareto.png")
+    create_table_artifact(
+        candidate_rows(accuracy, bench, chosen, objective_batch),
+        key="optimize-candidates",
+        description="Every candidate, its accuracy-gate verdict, latency and why it was chosen "
+        "or rejected.",
+    )
 
 
 @contextmanager

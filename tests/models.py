@@ -78,18 +78,21 @@ def token_model(path: Path, vocab: int = 32, dim: int = 8) -> Path:
     return _save(graph, path)
 
 
-def random_output(path: Path) -> Path:
-    """Adds fresh random noise on every run: no candidate can match the source."""
-    graph = helper.make_graph(
-        [
-            helper.make_node("RandomNormalLike", ["x"], ["noise"], dtype=TensorProto.FLOAT),
-            helper.make_node("Add", ["x", "noise"], ["y"]),
-        ],
-        "noisy",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
-    )
-    return _save(graph, path)
+def traced_branch_model() -> tuple[object, dict[str, object]]:
+    """A torch module with a data-dependent branch: tracing keeps only the branch the example
+    took, so the ONNX export matches on small inputs and silently differs on large ones.
+
+    Used as a ``module:callable`` source (``tests.models:traced_branch_model``).
+    """
+    import torch
+
+    class Branchy(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if bool(x.abs().max() > 5):  # a Python branch: invisible to the tracer
+                return x * 2
+            return x + 0
+
+    return Branchy(), {"x": torch.zeros(2, 4)}
 
 
 def unknown_op(path: Path) -> Path:

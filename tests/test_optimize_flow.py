@@ -92,19 +92,25 @@ def test_second_run_registers_a_new_version_and_moves_the_alias(
     assert c.get_model_version("tok", "2").tags[registry.TAG_SYNTHETIC] == "true"
 
 
+@pytest.mark.torch
 def test_gate_failure_registers_nothing_and_records_why(
     tmp_path: Path, settings: Settings, bench_fast: dict[str, int]
 ):
-    # setup: a model whose output is random on every run cannot match its own reference
-    src = models.random_output(tmp_path / "noisy.onnx")
+    # setup: the export verifies on small synthetic inputs, but the user's data takes the branch
+    # the tracer never saw, so even the unoptimized ONNX model disagrees with the source
+    data = tmp_path / "large.npz"
+    np.savez(data, x=np.full((8, 4), 10.0, np.float32))
+    params = OptimizeParams(
+        source="tests.models:traced_branch_model", name="branchy", data=str(data), bench=bench_fast
+    )
     # execute
     with pytest.raises(AccuracyGateError) as info:
-        optimize_flow(OptimizeParams(source=str(src), name="noisy", bench=bench_fast))
+        optimize_flow(params)
     # assert
     err = info.value
     assert "baseline" in err.reasons and err.run_id
     c = _client(settings)
-    assert c.search_registered_models(filter_string="name='noisy'") == []
+    assert c.search_registered_models(filter_string="name='branchy'") == []
     run = c.get_run(err.run_id)
     assert run.info.status == "FAILED"
     assert run.data.tags["bladeflow.outcome"] == "accuracy_gate_failed"

@@ -8,8 +8,9 @@ model's timings are pooled over the rounds, and medians are reported.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +35,7 @@ def benchmark(
     batch_sizes: list[int],
     settings: BenchmarkSettings = BenchmarkSettings(),
     progress: Callable[[str], None] | None = None,
+    runners: Mapping[str, Callable[[Dataset], Any]] | None = None,
 ) -> BenchmarkReport:
     """Time each model at each batch size on batches drawn from ``data``.
 
@@ -43,6 +45,8 @@ def benchmark(
         batch_sizes: Batch sizes to time; sizes the model cannot take are skipped with a reason.
         settings: Warm-up, rounds, iterations and time cap.
         progress: Called with a line of text as each batch size starts.
+        runners: Extra label -> callable(feeds) timed alongside, e.g. the source framework's
+            eager model, so the report shows source-framework vs optimized latency.
     """
     first = next(iter(models.values()))[0]
     fixed = fixed_batch(first.signature)
@@ -56,24 +60,25 @@ def benchmark(
     if fixed is not None and fixed not in sizes:
         sizes.append(fixed)
 
-    sessions = {label: make_session(a.path, cfg) for label, (a, cfg) in models.items()}
-    names = {label: [o.name for o in a.signature.outputs] for label, (a, _) in models.items()}
-    timings: dict[str, dict[int, list[float]]] = {label: {} for label in models}
+    calls: dict[str, Callable[[Dataset], Any]] = dict(runners or {})
+    for label, (artifact, cfg) in models.items():
+        calls[label] = _session_call(artifact, cfg)
+    timings: dict[str, dict[int, list[float]]] = {label: {} for label in calls}
     for bs in sizes:
         if progress:
-            progress(f"benchmark: batch size {bs}, {len(models)} models interleaved")
+            progress(f"benchmark: batch size {bs}, {len(calls)} models interleaved")
         feeds = tile(data, bs)
-        for label, sess in sessions.items():
+        for label, call in calls.items():
             for _ in range(settings.warmup):
-                sess.run(names[label], feeds)
+                call(feeds)
             timings[label][bs] = []
         budget = settings.max_seconds / max(settings.rounds, 1)
         for _ in range(settings.rounds):
-            for label, sess in sessions.items():
+            for label, call in calls.items():
                 round_start = time.perf_counter()
                 for _ in range(settings.iterations):
                     t0 = time.perf_counter()
-                    sess.run(names[label], feeds)
+                    call(feeds)
                     t1 = time.perf_counter()
                     timings[label][bs].append((t1 - t0) * 1000.0)
                     if t1 - round_start > budget:
@@ -85,6 +90,12 @@ def benchmark(
         skipped_batch_sizes=skipped,
         shapes={k: list(v.shape[1:]) for k, v in data.items()},
     )
+
+
+def _session_call(artifact: ModelArtifact, config: SessionConfig) -> Callable[[Dataset], Any]:
+    session = make_session(artifact.path, config)
+    names = [o.name for o in artifact.signature.outputs]
+    return lambda feeds: session.run(names, feeds)
 
 
 def _stats(batch_size: int, ms: list[float]) -> LatencyStats:

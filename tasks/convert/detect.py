@@ -1,33 +1,41 @@
-"""Detect the format of a model source from its path."""
+"""Detect the format of a model source from its path, folder layout or URI."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from bladeflow.errors import ModelFileError
+from tasks.convert.base import detect_converter, load_converters, supported_text
 
-SUPPORTED = {"onnx": "an ONNX model file (.onnx)"}
+_PICKLE_SUFFIXES = {".pkl", ".pickle", ".joblib"}
 
 
 def detect_format(source: str, fmt: str | None = None) -> str:
     """Return the format key of ``source`` (or check ``fmt`` when the user named it).
 
     Raises:
-        ModelFileError: the file does not exist, or its kind is not one bladeflow converts.
+        ModelFileError: the source does not exist, or its kind is not one bladeflow converts.
     """
     if fmt:
-        if fmt not in SUPPORTED:
-            raise ModelFileError(
-                f"unknown --format {fmt!r}; supported formats: {', '.join(SUPPORTED)}"
-            )
+        if fmt not in load_converters():
+            raise ModelFileError(f"unknown --format {fmt!r}; supported formats: {supported_text()}")
         return fmt
     path = Path(source)
-    if not path.exists():
+    if path.suffix.lower() in _PICKLE_SUFFIXES and path.exists():
+        raise ModelFileError(
+            f"{source} is a Python pickle: loading it runs arbitrary code, so bladeflow refuses "
+            "it and no --format makes it load. For scikit-learn, save the model with skops "
+            "(skops.io.dump(model, 'model.skops')) or log it with "
+            "mlflow.sklearn.log_model(..., serialization_format='skops') and pass the models:/ "
+            "URI; "
+            "for PyTorch, save a TorchScript file or a torch.export .pt2."
+        )
+    found = detect_converter(source)
+    if found:
+        return found
+    if ":" not in source and not path.exists():
         raise ModelFileError(f"model source {source!r} does not exist: check the path")
-    if path.is_file() and path.suffix.lower() == ".onnx":
-        return "onnx"
-    kinds = "; ".join(f"{k}: {v}" for k, v in SUPPORTED.items())
     raise ModelFileError(
         f"cannot tell what kind of model {source!r} is (suffix {path.suffix or 'none'!r}). "
-        f"bladeflow converts {kinds}. Rename the file or pass --format."
+        f"bladeflow converts {supported_text()}. Rename the file or pass --format."
     )

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
@@ -12,18 +14,26 @@ from bladeflow.contract import Dim, ModelArtifact, PassRecord, Provenance, Signa
 from bladeflow.environment import tool_versions
 from bladeflow.errors import ModelFileError
 from bladeflow.hashing import sha256_path
-from bladeflow.runtime import make_session
+from bladeflow.runtime import make_session, run
+from tasks.convert.base import Converter, Export
+
+if TYPE_CHECKING:
+    from tasks.convert.dispatch import ConvertOptions
 
 # Protobuf cannot serialize a single message over 2 GiB; bigger models keep weights outside.
 _EXTERNAL_DATA_THRESHOLD = 1 << 30
 
 
-def load_onnx_source(source: str | Path, workdir: Path) -> ModelArtifact:
+def load_onnx_source(
+    source: str | Path, workdir: Path, target_opset: int | None = None
+) -> ModelArtifact:
     """Admit an ONNX model: validate it and write a shape-inferred copy to ``workdir``.
 
     Args:
         source: Path to a ``.onnx`` file (weights may live in external data files beside it).
         workdir: Folder for the converted model and the config that produced it.
+        target_opset: Upgrade (or downgrade) the default-domain opset with
+            ``onnx.version_converter`` first; None keeps the model's opset.
 
     Returns:
         The converted model, whose provenance names ``source`` and its sha256.
@@ -53,6 +63,10 @@ def load_onnx_source(source: str | Path, workdir: Path) -> ModelArtifact:
             f"{path} fails the ONNX checker: {_first_line(exc)}. Fix or re-export the model."
         ) from exc
 
+    original_opset = opset_of(model)
+    if target_opset and target_opset != original_opset:
+        model = _convert_opset(model, target_opset, path)
+
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
     except (onnx.shape_inference.InferenceError, RuntimeError):
@@ -61,14 +75,22 @@ def load_onnx_source(source: str | Path, workdir: Path) -> ModelArtifact:
     workdir.mkdir(parents=True, exist_ok=True)
     out = workdir / "model.onnx"
     large = inferred.ByteSize() > _EXTERNAL_DATA_THRESHOLD
-    onnx.save_model(inferred, str(out), save_as_external_data=large,
-                    location="model.onnx.data" if large else None)
+    onnx.save_model(
+        inferred,
+        str(out),
+        save_as_external_data=large,
+        location="model.onnx.data" if large else None,
+    )
     make_session(out)  # fail here, naming the file, if ONNX Runtime cannot run it
 
     step = PassRecord(
         name="convert.onnx",
-        config={"shape_inference": inferred is not model, "opset": opset_of(inferred),
-                "external_data": large},
+        config={
+            "shape_inference": inferred is not model,
+            "opset": opset_of(inferred),
+            "source_opset": original_opset,
+            "external_data": large,
+        },
     )
     (workdir / "convert_config.json").write_text(json.dumps(step.model_dump(), indent=2))
     return ModelArtifact(
@@ -78,10 +100,58 @@ def load_onnx_source(source: str | Path, workdir: Path) -> ModelArtifact:
         size_bytes=_size(out),
         signature=signature_of(inferred),
         provenance=Provenance(
-            source=str(source), parent_sha256=sha256_path(path), step=step,
+            source=str(source),
+            parent_sha256=sha256_path(path),
+            step=step,
             tool_versions=tool_versions(),
         ),
     )
+
+
+def _convert_opset(model: onnx.ModelProto, target: int, path: Path) -> onnx.ModelProto:
+    from onnx import version_converter
+
+    try:
+        return version_converter.convert_version(model, target)
+    except (RuntimeError, ValueError, onnx.checker.ValidationError) as exc:
+        raise ModelFileError(
+            f"cannot convert {path} from opset {opset_of(model)} to opset {target}: "
+            f"{_first_line(exc)}. Pick another target_opset (the ONNX version converter supports "
+            "only some operator/opset pairs) or re-export the model at that opset."
+        ) from exc
+
+
+class OnnxConverter(Converter):
+    """Admits an ONNX model as it is (optionally at another opset)."""
+
+    format = "onnx"
+    description = "an ONNX model file (.onnx, external data beside it)"
+    order = 10
+
+    @classmethod
+    def claims(cls, source: str) -> bool:
+        path = Path(source)
+        return path.is_file() and path.suffix.lower() == ".onnx"
+
+    def export(self, source: str, workdir: Path, options: ConvertOptions) -> Export:
+        # The file is admitted as is; an opset change is checked against the original in ORT.
+        runner = OrtRunner(source) if options.target_opset else None
+        return Export(onnx_path=Path(source), runner=runner)
+
+
+class OrtRunner:
+    """Runs an ONNX file in ONNX Runtime without graph optimizations (the reference)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: str | Path):
+        from bladeflow.contract import SessionConfig
+
+        self._session = make_session(path, SessionConfig(graph_optimization_level="disable"))
+        self._outputs = [o.name for o in self._session.get_outputs()]
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return run(self._session, feeds, self._outputs)
 
 
 def signature_of(model: onnx.ModelProto) -> Signature:

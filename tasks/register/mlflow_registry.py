@@ -80,6 +80,38 @@ def log_metrics(settings: Settings, run_id: str, metrics: dict[str, float]) -> N
         c.log_batch(run_id, metrics=items[start : start + 500])
 
 
+def log_candidate_run(
+    settings: Settings,
+    parent_run_id: str,
+    candidate: str,
+    params: dict[str, Any],
+    metrics: dict[str, float],
+    tags: dict[str, str],
+) -> str:
+    """A nested MLflow run for one candidate: its recipe as params, accuracy/latency as metrics."""
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    c = client(settings)
+    parent = c.get_run(parent_run_id)
+    run = c.create_run(
+        parent.info.experiment_id,
+        run_name=f"candidate-{candidate}",
+        tags={MLFLOW_PARENT_RUN_ID: parent_run_id, "bladeflow.candidate": candidate, **tags},
+    )
+    now = _now_ms()
+    c.log_batch(
+        run.info.run_id,
+        params=[Param(k, _param(v)) for k, v in params.items()],
+        metrics=[
+            Metric(metric_name(k), float(v), now, 0) for k, v in metrics.items() if np.isfinite(v)
+        ],
+        tags=[RunTag("bladeflow.gate", tags.get("bladeflow.gate", ""))],
+    )
+    c.set_terminated(run.info.run_id, status="FINISHED")
+    return str(run.info.run_id)
+
+
 def log_artifacts(settings: Settings, run_id: str, folder: Path, artifact_path: str) -> None:
     client(settings).log_artifacts(run_id, str(folder), artifact_path)
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from bladeflow.contract import AccuracyReport, ModelArtifact, OutputAccuracy, SessionConfig, Tolerance
+from bladeflow.contract import (
+    AccuracyReport,
+    ModelArtifact,
+    OutputAccuracy,
+    SessionConfig,
+    Tolerance,
+)
 from bladeflow.runtime import make_session, run
 from tasks.validate.data import Dataset, batches, fixed_batch
 

@@ -65,7 +65,8 @@ def check_dataset(data: Dataset, signature: Signature, origin: str = "data") -> 
         if spec.name not in data:
             continue
         arr = data[spec.name]
-        where = f"input {spec.name!r} (model expects {spec.describe()}, got {arr.dtype}{list(arr.shape)})"
+        got = f"{arr.dtype}{list(arr.shape)}"
+        where = f"input {spec.name!r} (model expects {spec.describe()}, got {got})"
         if arr.ndim != len(spec.shape):
             problems.append(f"{where}: rank {arr.ndim} != {len(spec.shape)}")
             continue
@@ -173,7 +174,7 @@ def batches(data: Dataset, size: int) -> Iterator[Dataset]:
     """Consecutive chunks of ``size`` samples (the last may be smaller)."""
     n = sample_count(data)
     for start in range(0, n, size):
-        yield {k: v[start:start + size] for k, v in data.items()}
+        yield {k: v[start : start + size] for k, v in data.items()}
 
 
 def tile(data: Dataset, batch_size: int) -> Dataset:

@@ -1,13 +1,34 @@
-"""Prepare the validation data of a flow run as a ``.npz`` file next to the converted model."""
+"""Prepare the validation data of a flow run as a ``.npz`` file next to the converted model.
+
+User data (.npz, .parquet, .csv, .jsonl, a folder of .npy) is read, checked with a Great
+Expectations suite (results in ``workdir/gx/``) and cast to the model dtypes; without data, inputs
+are synthesized from the signature and flagged ``synthetic``.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, Field
 
 from bladeflow.contract import DataRef, ModelArtifact
-from tasks.validate.data import check_dataset, load_npz, sample_count, synthesize
+from bladeflow.errors import DataError
+from tasks.validate.checks import check_data
+from tasks.validate.data import DEFAULT_SYNTHETIC_SAMPLES, check_dataset, sample_count, synthesize
+from tasks.validate.policy import DataPolicy
+from tasks.validate.sources import load_data
+
+
+class PreparedData(BaseModel):
+    """The checked validation data of a run and everything that came with it."""
+
+    data: DataRef
+    labels: str | None = Field(None, description=".npy of one label per sample")
+    calibration: DataRef | None = Field(None, description="separate calibration inputs")
+    checks: list[str] = Field(default_factory=list, description="GX result JSON files")
+    description: str = Field("", description="one line for the report")
 
 
 def prepare_data(model: ModelArtifact, data: str | None, workdir: Path) -> DataRef:
@@ -16,18 +37,91 @@ def prepare_data(model: ModelArtifact, data: str | None, workdir: Path) -> DataR
     The checked (dtype-cast) arrays are written to ``workdir/data.npz`` so every later stage and
     the MLflow run use exactly the same inputs.
     """
-    if data:
-        arrays = load_npz(data, model.signature)
-        synthetic = False
-    else:
-        arrays = check_dataset(synthesize(model.signature), model.signature, origin="synthetic")
-        synthetic = True
+    return prepare_validation_data(model, data, workdir).data
+
+
+def prepare_validation_data(
+    model: ModelArtifact,
+    data: str | None,
+    workdir: Path,
+    labels_column: str | None = None,
+    text_columns: list[str] | None = None,
+    calibration: str | None = None,
+    policy: DataPolicy | None = None,
+    synthetic_samples: int = DEFAULT_SYNTHETIC_SAMPLES,
+) -> PreparedData:
+    """Read, check (GX) and store validation data, labels and optional calibration data.
+
+    Writes ``workdir/data.npz``, ``workdir/labels.npy`` (with labels), ``workdir/calibration.npz``
+    (with ``calibration``) and ``workdir/gx/*.json``.
+
+    Raises:
+        DataError: the data cannot be read or fails a check (each failed expectation named).
+    """
     workdir.mkdir(parents=True, exist_ok=True)
+    gx_dir = workdir / "gx"
+    tokenizer = model.assets.get("tokenizer")
+    checks: list[str] = []
+    labels_path: str | None = None
+    if data:
+        loaded = load_data(data, model.signature, tokenizer, labels_column, text_columns)
+        gx_path = gx_dir / "validation-data.json"
+        arrays, _ = check_data(
+            loaded.arrays, model.signature, policy, loaded.labels, loaded.origin, gx_path
+        )
+        checks.append(str(gx_path))
+        synthetic = False
+        if loaded.labels is not None:
+            if np.asarray(loaded.labels).dtype.kind not in "fiub":
+                raise DataError(
+                    f"labels of validation data {data} must be numbers (class ids or scores), "
+                    f"not {np.asarray(loaded.labels).dtype}"
+                )
+            labels_path = str(workdir / "labels.npy")
+            np.save(labels_path, loaded.labels, allow_pickle=False)
+        description = f"`{data}`, {sample_count(arrays)} samples" + (
+            ", with labels" if loaded.labels is not None else ""
+        )
+    else:
+        synth = synthesize(model.signature, samples=synthetic_samples)
+        arrays = check_dataset(synth, model.signature, origin="synthetic")
+        synthetic = True
+        description = f"{sample_count(arrays)} synthetic samples generated from the signature"
     out = workdir / "data.npz"
-    np.savez(out, **arrays)
-    return DataRef(path=str(out), samples=sample_count(arrays), synthetic=synthetic)
+    _savez(out, arrays)
+    ref = DataRef(path=str(out), samples=sample_count(arrays), synthetic=synthetic)
+
+    calib_ref: DataRef | None = None
+    if calibration:
+        loaded = load_data(calibration, model.signature, tokenizer, None, text_columns)
+        gx_path = gx_dir / "calibration-data.json"
+        calib, _ = check_data(
+            loaded.arrays, model.signature, policy, None, f"{loaded.origin} (calibration)", gx_path
+        )
+        checks.append(str(gx_path))
+        calib_path = workdir / "calibration.npz"
+        _savez(calib_path, calib)
+        calib_ref = DataRef(path=str(calib_path), samples=sample_count(calib), synthetic=False)
+    return PreparedData(
+        data=ref, labels=labels_path, calibration=calib_ref, checks=checks, description=description
+    )
 
 
 def read_data(ref: DataRef) -> dict[str, np.ndarray]:
     with np.load(ref.path, allow_pickle=False) as npz:
         return {k: npz[k] for k in npz.files}
+
+
+def read_labels(prepared: PreparedData) -> np.ndarray | None:
+    """The labels saved by :func:`prepare_validation_data`, or None."""
+    if prepared.labels is None:
+        return None
+    try:
+        return np.load(prepared.labels, allow_pickle=False)
+    except ValueError as exc:  # e.g. string labels saved as object arrays
+        raise DataError(f"labels in {prepared.labels} are not numbers: {exc}") from exc
+
+
+def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    kwargs: dict[str, Any] = dict(arrays)
+    np.savez(path, **kwargs)

@@ -1,0 +1,174 @@
+"""Hugging Face transformers models from a local folder (config + weights) -> ONNX.
+
+Exported through PyTorch with eager attention and ``dynamo=False`` (what ONNX Runtime's
+transformer optimizer fuses fully), dynamic ``batch``/``sequence`` axes; the tokenizer files are
+kept beside the model (``assets["tokenizer"]``) and ``input_ids`` carries ``[0, vocab_size)``.
+Nothing is downloaded: the folder must hold everything (``HF_HUB_OFFLINE=1`` works).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bladeflow.contract import ModelArtifact
+from bladeflow.errors import ModelFileError
+from tasks.convert.base import Converter, Export, SourceRunner
+from tasks.convert.errors import missing_framework
+from tasks.convert.torch_common import TorchRunner, export_module, first_line, import_torch
+
+if TYPE_CHECKING:
+    from tasks.convert.dispatch import ConvertOptions
+
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
+_EXAMPLE_BATCH, _EXAMPLE_SEQ = 2, 8
+
+
+def is_hf_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() and any((path / w).is_file() for w in _WEIGHTS)
+
+
+class _Outputs:
+    """Wraps a transformers model so it takes positional inputs and returns a tuple."""
+
+    def __init__(self, model: Any, inputs: list[str], outputs: list[str]):
+        self.model, self.inputs, self.outputs = model, inputs, outputs
+
+    def module(self) -> Any:
+        torch = import_torch("Hugging Face")
+        outer = self
+        module_base: Any = torch.nn.Module
+
+        class Wrapper(module_base):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = outer.model
+
+            def forward(self, *args: Any) -> tuple[Any, ...]:
+                result = self.model(**dict(zip(outer.inputs, args, strict=True)))
+                return tuple(result[k] for k in outer.outputs)
+
+        return Wrapper().eval()
+
+
+def load(path: Path) -> tuple[Any, Any]:
+    """The model in eager attention, eval mode, and its tokenizer (or None)."""
+    import_torch("Hugging Face")
+    try:
+        import transformers
+    except ImportError as exc:
+        raise missing_framework("Hugging Face", "transformers", "torch", exc) from exc
+    unreadable: tuple[type[BaseException], ...] = (OSError, ValueError, KeyError, RuntimeError)
+    try:
+        from safetensors import SafetensorError
+
+        unreadable = (*unreadable, SafetensorError)
+    except ImportError:  # transformers depends on safetensors; keep the basic errors
+        pass
+    try:
+        model = transformers.AutoModel.from_pretrained(
+            str(path), attn_implementation="eager", local_files_only=True
+        )
+    except unreadable as exc:
+        raise ModelFileError(
+            f"transformers cannot load the model in {path}: {first_line(exc)}"
+        ) from exc
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError):
+        tokenizer = None  # a model without tokenizer files is still convertible
+    return model.eval(), tokenizer
+
+
+def input_names(model: Any, tokenizer: Any) -> list[str]:
+    import inspect
+
+    accepted = inspect.signature(model.forward).parameters
+    wanted = list(getattr(tokenizer, "model_input_names", None) or [])
+    wanted = wanted or ["input_ids", "attention_mask", "token_type_ids"]
+    return [n for n in wanted if n in accepted]
+
+
+def value_ranges(model: Any) -> dict[str, list[float]]:
+    cfg = model.config
+    ranges = {"input_ids": [0.0, float(cfg.vocab_size)]}
+    if getattr(cfg, "type_vocab_size", None):
+        ranges["token_type_ids"] = [0.0, float(cfg.type_vocab_size)]
+    return ranges
+
+
+class HuggingFaceConverter(Converter):
+    """Converts a local Hugging Face transformers model folder to ONNX via PyTorch."""
+
+    format = "huggingface"
+    description = "a Hugging Face transformers model folder (config.json + safetensors weights)"
+
+    @classmethod
+    def claims(cls, source: str) -> bool:
+        return Path(source).is_dir() and is_hf_folder(Path(source))
+
+    def export(self, source: str, workdir: Path, options: ConvertOptions) -> Export:
+        torch = import_torch(self.format)
+        path = Path(source)
+        model, tokenizer = load(path)
+        names = input_names(model, tokenizer)
+        ranges = value_ranges(model)
+        gen = torch.Generator().manual_seed(0)
+        example: dict[str, Any] = {}
+        for name in names:
+            shape = options.input_shapes.get(name, [_EXAMPLE_BATCH, _EXAMPLE_SEQ])
+            if name in ranges:
+                example[name] = torch.randint(0, int(ranges[name][1]), shape, generator=gen)
+            elif "mask" in name:
+                example[name] = torch.ones(shape, dtype=torch.int64)
+            else:
+                example[name] = torch.zeros(shape, dtype=torch.int64)
+        with torch.inference_mode():
+            sample = model(**example)
+        outputs = [k for k, v in sample.items() if isinstance(v, torch.Tensor)]
+        wrapped = _Outputs(model, names, outputs).module()
+        out = workdir / "exported.onnx"
+        _, config = export_module(wrapped, example, out, options, self.format, outputs)
+        assets: dict[str, Path] = {}
+        files = [path / f for f in _TOKENIZER_FILES if (path / f).is_file()]
+        if files:
+            folder = workdir / "tokenizer-src"
+            folder.mkdir()
+            for f in files:
+                shutil.copy2(f, folder / f.name)
+            assets["tokenizer"] = folder
+        config.update(
+            {
+                "attn_implementation": "eager",
+                "model_type": model.config.model_type,
+                "tokenizer": bool(files),
+            }
+        )
+        return Export(
+            onnx_path=out,
+            runner=TorchRunner(wrapped, names, outputs, name="pytorch-eager"),
+            config=config,
+            value_ranges={k: v for k, v in ranges.items() if k in names},
+            assets=assets,
+        )
+
+    def open_runner(
+        self, source: str, options: ConvertOptions, artifact: ModelArtifact
+    ) -> SourceRunner | None:
+        model, _ = load(Path(source))
+        names = [i.name for i in artifact.signature.inputs]
+        outputs = [o.name for o in artifact.signature.outputs]
+        return TorchRunner(_Outputs(model, names, outputs).module(), names, outputs)

@@ -1,0 +1,108 @@
+"""Keras 3 models (.keras, .h5) -> ONNX: loaded in safe mode, converted with tf2onnx.
+
+Keras 3 refuses Python ``lambda`` layers in safe mode (their code would run on load); that
+refusal becomes a ModelFileError. The legacy tf_keras loader is never used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bladeflow.contract import ModelArtifact
+from bladeflow.errors import ModelFileError
+from tasks.convert.base import Converter, Export, SourceRunner
+from tasks.convert.errors import missing_framework
+from tasks.convert.tf_common import TFRunner, convert_function, import_tf, input_specs
+
+if TYPE_CHECKING:
+    from tasks.convert.dispatch import ConvertOptions
+
+SUFFIXES = (".keras", ".h5", ".hdf5")
+
+
+def load_keras(path: Path) -> Any:
+    import_tf("Keras")
+    try:
+        import keras
+    except ImportError as exc:
+        raise missing_framework("Keras", "keras", "tf", exc) from exc
+    if not path.is_file():
+        raise ModelFileError(f"{path} does not exist or is not a file")
+    try:
+        return keras.saving.load_model(str(path), compile=False, safe_mode=True)
+    except ValueError as exc:
+        text = str(exc)
+        if "lambda" in text.lower() or "safe_mode" in text:
+            raise ModelFileError(
+                f"{path} contains a Keras Lambda layer with Python code; loading it would run that "
+                "code, so Keras safe mode (and bladeflow) refuses it. Replace the Lambda with a "
+                "registered custom layer (@keras.saving.register_keras_serializable) or built-in "
+                "layers and save the model again."
+            ) from exc
+        raise ModelFileError(f"Keras cannot load {path}: {_first_line(exc)}") from exc
+    except (OSError, TypeError, KeyError) as exc:
+        raise ModelFileError(
+            f"Keras cannot load {path} ({type(exc).__name__}: {_first_line(exc)}); the file may "
+            "be truncated, or saved by another Keras version: save it again with model.save()."
+        ) from exc
+
+
+def output_names(model: Any) -> list[str]:
+    names = list(getattr(model, "output_names", None) or [])
+    if len(names) != len(model.outputs) or len(set(names)) != len(names):
+        names = [f"output_{i}" for i in range(len(model.outputs))]
+    return names
+
+
+class KerasConverter(Converter):
+    """Converts a Keras 3 model file to ONNX through a tf.function and tf2onnx."""
+
+    format = "keras"
+    description = "a Keras 3 model file (.keras, .h5), loaded in safe mode"
+
+    @classmethod
+    def claims(cls, source: str) -> bool:
+        path = Path(source)
+        return path.is_file() and path.suffix.lower() in SUFFIXES
+
+    def export(self, source: str, workdir: Path, options: ConvertOptions) -> Export:
+        tf = import_tf(self.format)
+        model = load_keras(Path(source))
+        names = [str(i.name) for i in model.inputs]
+        discovered = [
+            (n, list(i.shape), tf.as_dtype(i.dtype))
+            for n, i in zip(names, model.inputs, strict=True)
+        ]
+        specs = input_specs(tf, discovered, options)
+        outs = output_names(model)
+
+        def call(*args: Any) -> Any:
+            result = model(list(args) if len(args) > 1 else args[0], training=False)
+            flat = result if isinstance(result, list | tuple) else [result]
+            return dict(zip(outs, flat, strict=True))
+
+        out = workdir / "exported.onnx"
+        config = convert_function(call, specs, out, options, self.format)
+        return Export(onnx_path=out, runner=_runner(model, names, outs), config=config)
+
+    def open_runner(
+        self, source: str, options: ConvertOptions, artifact: ModelArtifact
+    ) -> SourceRunner | None:
+        model = load_keras(Path(source))
+        return _runner(model, [str(i.name) for i in model.inputs], output_names(model))
+
+
+def _runner(model: Any, inputs: list[str], outputs: list[str]) -> TFRunner:
+    def call(feeds: dict[str, Any]) -> dict[str, Any]:
+        args = [feeds[n] for n in inputs]
+        result = model(args if len(args) > 1 else args[0], training=False)
+        flat = result if isinstance(result, list | tuple) else [result]
+        return {n: v.numpy() for n, v in zip(outputs, flat, strict=True)}
+
+    return TFRunner(call, "keras")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

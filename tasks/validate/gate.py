@@ -1,0 +1,333 @@
+"""The accuracy gate as a Great Expectations suite over a per-sample table of candidate vs source.
+
+:func:`error_table` measures every sample of every output (max abs/rel error, cosine, how far
+past the elementwise bound, argmax/top-k agreement for 2-D outputs); :func:`gate_checks` turns a
+:class:`TolerancePolicy` into expectations on that table; :func:`accuracy_gate` runs them (the
+suite's result IS the verdict) and, with labels, also judges the task-metric drop.
+:func:`validate_chain` measures the error each pass of a recipe introduced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from bladeflow.contract import (
+    AccuracyReport,
+    Candidate,
+    ModelArtifact,
+    OutputAccuracy,
+    SessionConfig,
+)
+from bladeflow.hashing import sha256_path
+from tasks.validate.accuracy import REFERENCE_SESSION, predict
+from tasks.validate.data import Dataset
+from tasks.validate.gx import Check, SuiteResult, run_checks
+from tasks.validate.metrics import MetricComparison, compare_metric
+from tasks.validate.policy import OutputTolerance, TolerancePolicy
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+_HUGE = 1e300  # stands for an infinite error in the table (GX and JSON dislike inf)
+
+
+@dataclass
+class GateOutcome:
+    """Everything the gate measured for one candidate.
+
+    ``report`` is the contract object the flow already passes around; ``table`` the per-sample
+    errors (one row per sample); ``suite`` the GX verdict; ``metric`` the task-metric comparison
+    when labels were given.
+    """
+
+    report: AccuracyReport
+    table: pd.DataFrame
+    suite: SuiteResult
+    metric: MetricComparison | None = None
+
+
+def error_table(
+    outputs: dict[str, np.ndarray],
+    reference: dict[str, np.ndarray],
+    policy: TolerancePolicy,
+) -> pd.DataFrame:
+    """One row per sample; columns ``<output>.<measure>`` for every output of the source.
+
+    Measures: ``max_abs_error``, ``max_rel_error`` (where |source| > 1e-6), ``cosine``,
+    ``bound_ratio`` (max over elements of error / (atol + rtol*|source|): <= 1 means within),
+    and for classifier outputs (``policy.is_classifier``, 2-D, >= 2 columns) ``top1_agree`` (0/1)
+    and ``topk_overlap`` (0..1).
+    A NaN on one side only counts as an infinite error.
+
+    Raises:
+        ValueError: an output's shape differs from the source's (the caller reports it).
+    """
+    import pandas as pd
+
+    columns: dict[str, np.ndarray] = {}
+    for name, ref in reference.items():
+        got = outputs[name]
+        if got.shape != ref.shape:
+            raise ValueError(f"output {name!r} has shape {got.shape}, source {ref.shape}")
+        tol = policy.for_output(name)
+        a, b = _rows(got), _rows(ref)
+        both_nan = np.isnan(a) & np.isnan(b)
+        diff = np.where(both_nan, 0.0, np.abs(a - b))
+        diff = np.where(np.isnan(diff), np.inf, diff)
+        absb = np.abs(np.nan_to_num(b))
+        significant = absb > 1e-6
+        rel = np.where(significant, diff / np.where(significant, absb, 1.0), 0.0)
+        bound = (tol.atol or 0.0) + tol.rtol * absb
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(bound > 0, diff / np.where(bound > 0, bound, 1.0), 0.0)
+        ratio = np.where((bound == 0) & (diff > 0), np.inf, ratio)
+        columns[f"{name}.max_abs_error"] = _finite(diff.max(axis=1, initial=0.0))
+        columns[f"{name}.max_rel_error"] = _finite(rel.max(axis=1, initial=0.0))
+        columns[f"{name}.bound_ratio"] = _finite(ratio.max(axis=1, initial=0.0))
+        columns[f"{name}.cosine"] = _cosine_rows(np.nan_to_num(a), np.nan_to_num(b))
+        if ref.ndim == 2 and ref.shape[1] >= 2 and policy.is_classifier(name):
+            k = min(tol.top_k, ref.shape[1])
+            top_a = np.argsort(-np.nan_to_num(a, nan=-np.inf), axis=1)[:, :k]
+            top_b = np.argsort(-np.nan_to_num(b, nan=-np.inf), axis=1)[:, :k]
+            columns[f"{name}.top1_agree"] = (top_a[:, 0] == top_b[:, 0]).astype(np.float64)
+            overlap = [len(set(x) & set(y)) / k for x, y in zip(top_a, top_b, strict=True)]
+            columns[f"{name}.topk_overlap"] = np.asarray(overlap, dtype=np.float64)
+    return pd.DataFrame(columns)
+
+
+def gate_checks(table: pd.DataFrame, outputs: list[str], policy: TolerancePolicy) -> list[Check]:
+    """The expectations that make up the gate, one group per output."""
+    checks = [
+        Check(
+            f"table has the per-sample columns of outputs {outputs}",
+            "ExpectTableColumnsToMatchSet",
+            {"column_set": list(table.columns), "exact_match": True},
+        ),
+        Check("at least one sample compared", "ExpectTableRowCountToBeBetween", {"min_value": 1}),
+    ]
+    for name in outputs:
+        tol = policy.for_output(name)
+        share = "for every sample" if tol.mostly >= 1 else f"for >= {tol.mostly:.3%} of samples"
+        checks.append(
+            Check(
+                f"{name}: no NaN in the error table",
+                "ExpectColumnValuesToNotBeNull",
+                {"column": f"{name}.cosine"},
+            )
+        )
+        if tol.atol is not None:
+            checks.append(
+                Check(
+                    f"{name}: |candidate - source| <= atol {tol.atol:g} + rtol {tol.rtol:g}"
+                    f"*|source| {share}",
+                    "ExpectColumnValuesToBeBetween",
+                    {"column": f"{name}.bound_ratio", "max_value": 1.0, "mostly": tol.mostly},
+                )
+            )
+        checks.append(
+            Check(
+                f"{name}: cosine >= {tol.min_cosine:g} {share}",
+                "ExpectColumnValuesToBeBetween",
+                {"column": f"{name}.cosine", "min_value": tol.min_cosine, "mostly": tol.mostly},
+            )
+        )
+        if tol.min_top1_agreement is not None and f"{name}.top1_agree" in table:
+            checks.append(
+                Check(
+                    f"{name}: argmax agrees with the source on >= {tol.min_top1_agreement:.4g} of "
+                    "samples",
+                    "ExpectColumnMeanToBeBetween",
+                    {"column": f"{name}.top1_agree", "min_value": tol.min_top1_agreement},
+                )
+            )
+    return checks
+
+
+def accuracy_gate(
+    candidate: str,
+    outputs: dict[str, np.ndarray],
+    reference: dict[str, np.ndarray],
+    policy: TolerancePolicy,
+    synthetic_data: bool,
+    labels: np.ndarray | None = None,
+    gx_dir: Path | None = None,
+) -> GateOutcome:
+    """Judge ``candidate`` against the source with a GX suite built from ``policy``.
+
+    The suite's success is the verdict; with ``labels`` and ``policy.metric`` the task metric of
+    source and candidate is computed and a drop beyond ``max_drop`` fails the gate too. With
+    ``gx_dir`` the GX result is written to ``gx_dir/accuracy-<candidate>.json``.
+    """
+    import pandas as pd
+
+    shape_problems = [
+        f"output {n!r} has shape {outputs[n].shape if n in outputs else '(missing)'}, "
+        f"source {r.shape}"
+        for n, r in reference.items()
+        if n not in outputs or outputs[n].shape != r.shape
+    ]
+    compared = [n for n in reference if n in outputs and outputs[n].shape == reference[n].shape]
+    table = error_table(
+        {n: outputs[n] for n in compared}, {n: reference[n] for n in compared}, policy
+    )
+    if table.empty and not compared:
+        table = pd.DataFrame()
+    suite = run_checks(table, gate_checks(table, compared, policy), f"accuracy-{candidate}")
+    if gx_dir is not None:
+        suite.save(Path(gx_dir) / f"accuracy-{_safe(candidate)}.json")
+
+    metric: MetricComparison | None = None
+    if labels is not None and policy.metric is not None:
+        out = policy.metric.output or next(iter(reference))
+        metric = compare_metric(policy.metric, reference[out], outputs[out], labels)
+
+    per_output = {n: _summary(table, n, policy.for_output(n)) for n in compared}
+    reasons = list(shape_problems)
+    for name, acc in per_output.items():
+        if acc.failing_samples:
+            tol = policy.for_output(name)
+            bound = (
+                f"atol {tol.atol:g} + rtol {tol.rtol:g}*|source|; "
+                if tol.atol is not None
+                else "elementwise error not judged; "
+            )
+            reasons.append(
+                f"output {name!r}: {acc.failing_samples}/{acc.samples} samples outside tolerance "
+                f"(max abs error {acc.max_abs_error:.3g}, max rel error {acc.max_rel_error:.3g} vs "
+                f"{bound}min cosine {acc.min_cosine:.6f} vs {tol.min_cosine}; "
+                f"mostly {tol.mostly:g})"
+            )
+    if not suite.success:
+        reasons.append("failed expectations: " + suite.failed_names())
+    if metric is not None and not metric.passed:
+        reasons.append(metric.describe())
+    passed = suite.success and not shape_problems and (metric is None or metric.passed)
+    report = AccuracyReport(
+        candidate=candidate,
+        passed=passed,
+        outputs=per_output,
+        reason="" if passed else "; ".join(reasons),
+        synthetic_data=synthetic_data,
+    )
+    return GateOutcome(report=report, table=table, suite=suite, metric=metric)
+
+
+class StepError(BaseModel):
+    """The error one pass introduced: its outputs vs the source and vs the step before it."""
+
+    step: str
+    sha256: str
+    vs_source: dict[str, OutputAccuracy] = Field(description="output -> error against the source")
+    vs_previous: dict[str, OutputAccuracy] = Field(
+        description="output -> error against the previous step: what this pass added"
+    )
+
+
+def validate_chain(
+    source: ModelArtifact,
+    steps: list[tuple[str, ModelArtifact, SessionConfig]],
+    data: Dataset,
+    policy: TolerancePolicy,
+    reference: dict[str, np.ndarray] | None = None,
+) -> list[StepError]:
+    """Run every intermediate artifact of a recipe and measure the error each step introduced.
+
+    ``steps`` are (step name, artifact, session) in the order the passes ran; the source runs
+    with :data:`REFERENCE_SESSION` unless ``reference`` outputs are given.
+    """
+    ref = reference if reference is not None else predict(source, REFERENCE_SESSION, data)
+    previous = ref
+    result: list[StepError] = []
+    for name, artifact, session in steps:
+        got = predict(artifact, session, data)
+        result.append(
+            StepError(
+                step=name,
+                sha256=artifact.sha256,
+                vs_source=_summaries(got, ref, policy),
+                vs_previous=_summaries(got, previous, policy),
+            )
+        )
+        previous = got
+    return result
+
+
+def candidate_steps(
+    candidate: Candidate, recipe_dir: Path
+) -> list[tuple[str, ModelArtifact, SessionConfig]]:
+    """The intermediate artifacts of a built recipe, for :func:`validate_chain`.
+
+    ``recipe_dir`` holds one folder per pass, ``NN-<pass>/model.onnx`` (as ``build_candidate``
+    writes them). Intermediate models run with :data:`REFERENCE_SESSION`, so each step's error is
+    its own; the last one is the candidate itself, run with the candidate's session.
+    """
+    folders = sorted(p for p in Path(recipe_dir).iterdir() if (p / "model.onnx").is_file())
+    steps: list[tuple[str, ModelArtifact, SessionConfig]] = []
+    for i, folder in enumerate(folders):
+        model = folder / "model.onnx"
+        if i == len(folders) - 1:
+            steps.append((folder.name, candidate.artifact, candidate.session))
+            continue
+        artifact = candidate.artifact.model_copy(
+            update={
+                "path": str(model),
+                "sha256": sha256_path(model),
+                "size_bytes": model.stat().st_size,
+            }
+        )
+        steps.append((folder.name, artifact, REFERENCE_SESSION))
+    return steps
+
+
+def _summaries(
+    got: dict[str, np.ndarray], ref: dict[str, np.ndarray], policy: TolerancePolicy
+) -> dict[str, OutputAccuracy]:
+    same = [n for n in ref if n in got and got[n].shape == ref[n].shape]
+    table = error_table({n: got[n] for n in same}, {n: ref[n] for n in same}, policy)
+    return {n: _summary(table, n, policy.for_output(n)) for n in same}
+
+
+def _summary(table: pd.DataFrame, name: str, tol: OutputTolerance) -> OutputAccuracy:
+    cos = table[f"{name}.cosine"].to_numpy()
+    ok = cos >= tol.min_cosine
+    if tol.atol is not None:
+        ok &= table[f"{name}.bound_ratio"].to_numpy() <= 1.0
+    n = len(table)
+    return OutputAccuracy(
+        max_abs_error=float(table[f"{name}.max_abs_error"].max()) if n else 0.0,
+        max_rel_error=float(table[f"{name}.max_rel_error"].max()) if n else 0.0,
+        min_cosine=float(cos.min()) if n else 1.0,
+        mean_cosine=float(cos.mean()) if n else 1.0,
+        samples=n,
+        failing_samples=int((~ok).sum()),
+    )
+
+
+def _rows(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    n = x.shape[0] if x.ndim else 1
+    return x.reshape(n, -1)
+
+
+def _finite(x: np.ndarray) -> np.ndarray:
+    return np.nan_to_num(x.astype(np.float64), nan=_HUGE, posinf=_HUGE, neginf=_HUGE)
+
+
+def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    na = np.linalg.norm(a, axis=1)
+    nb = np.linalg.norm(b, axis=1)
+    dot = (a * b).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        cos = dot / (na * nb)
+    cos = np.where((na == 0) & (nb == 0), 1.0, cos)
+    cos = np.where((na == 0) ^ (nb == 0), 0.0, cos)
+    return np.clip(np.nan_to_num(cos, nan=0.0), -1.0, 1.0)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
