@@ -13,7 +13,7 @@ export MLFLOW_DISABLE_TELEMETRY = true
 export DO_NOT_TRACK = 1
 export PREFECT_SERVER_ANALYTICS_ENABLED = false
 
-.PHONY: setup demo test test-slow test-all lint format clean help
+.PHONY: setup demo test test-slow test-all lint format clean help bench-serve
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -47,6 +47,9 @@ lint: setup  ## ruff (lint + format check) and mypy
 format: setup  ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+bench-serve: setup  ## serving load bench: mlflow models serve vs bladeflow serve (batching off/on) vs raw ORT
+	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.serve.run --seconds 3 --rounds 2
 
 clean:  ## remove the venv and the local data folder
 	rm -rf $(VENV) .bladeflow .pytest_cache .mypy_cache .ruff_cache

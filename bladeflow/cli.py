@@ -15,6 +15,7 @@ import typer
 
 from bladeflow.errors import BladeflowError, UserInputError
 from bladeflow.settings import Settings
+from serving.cli import serve
 
 app = typer.Typer(
     name="bladeflow",
@@ -206,6 +207,9 @@ def info(home: Path | None = HOME_OPTION, tracking_uri: str | None = TRACKING_OP
             indent=2,
         )
     )
+
+
+app.command(name="serve")(serve)
 
 
 def _batch_sizes(text: str) -> list[int]:

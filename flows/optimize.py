@@ -413,6 +413,10 @@ def optimize_flow(params: OptimizeParams) -> OptimizeResult:
         reg.log_artifacts(settings, run_id, reports_dir, "reports")
 
         with _stage(stages, "register"):
+            # Passes rewrite the graph, not the tokenizer: ship the converted model's assets.
+            chosen = chosen.model_copy(
+                update={"artifact": chosen.artifact.model_copy(update={"assets": model.assets})}
+            )
             tags = _version_tags(params, model, chosen, data)
             example = {k: v[:1] for k, v in read_data(data).items()}
             version, uri = register_task(

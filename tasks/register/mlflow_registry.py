@@ -159,7 +159,7 @@ def register(
                 input_example=input_example,
                 onnx_session_options=_mlflow_session_options(candidate),
                 onnx_execution_providers=list(candidate.session.providers),
-                extra_files=[str(runtime_file)],
+                extra_files=_extra_files(runtime_file, candidate),
                 save_as_external_data=candidate.artifact.size_bytes > (1 << 30),
             )
         _ensure_registered_model(c, name)
@@ -186,6 +186,18 @@ def register(
             raise RegistryError(f"registering {name!r} failed: {exc.message}") from exc
         raise
     return version, f"models:/{name}/{version}"
+
+
+def _extra_files(runtime_file: Path, candidate: Candidate) -> list[str]:
+    """Files logged with the model: the runtime config, and a tokenizer folder when there is one
+    (it lands in ``extra_files/tokenizer`` so serving can accept raw text)."""
+    files = [str(runtime_file)]
+    tokenizer = candidate.artifact.assets.get("tokenizer")
+    if tokenizer and Path(tokenizer).is_dir():
+        if Path(tokenizer).name != "tokenizer":
+            raise ValueError(f"tokenizer asset must be a folder named 'tokenizer': {tokenizer}")
+        files.append(str(tokenizer))
+    return files
 
 
 def metric_name(key: str) -> str:

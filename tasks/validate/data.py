@@ -150,6 +150,8 @@ def synthesize(
             data[spec.name] = rng.integers(0, 2, shape).astype(bool)
         elif "mask" in spec.name.lower():
             data[spec.name] = np.ones(shape, dtype=dtype)
+        elif "token_type" in spec.name.lower() or "segment" in spec.name.lower():
+            data[spec.name] = np.zeros(shape, dtype=dtype)  # one segment: valid for any model
         elif dtype.kind in "iu":
             data[spec.name] = rng.integers(0, _INT_HIGH, shape).astype(dtype)
         else:

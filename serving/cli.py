@@ -1,0 +1,110 @@
+"""``bladeflow serve``: the command, as a plain function the main CLI registers."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import typer
+
+from bladeflow.settings import Settings
+
+
+def serve(
+    model: list[str] = typer.Option(
+        ..., "--model", "-m", help="Registered model to serve (repeat for several)."
+    ),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
+    port: int = typer.Option(8080, "--port", "-p", help="TCP port."),
+    max_batch_size: int = typer.Option(
+        32, "--max-batch-size", help="Rows per batch at most; 1 turns dynamic batching off."
+    ),
+    batch_timeout_ms: float = typer.Option(
+        2.0, "--batch-timeout-ms", help="How long a batch waits for more requests."
+    ),
+    max_queue_size: int = typer.Option(
+        256, "--max-queue-size", help="Waiting requests per model before answering 429."
+    ),
+    workers: int = typer.Option(1, "--workers", help="Batches run at the same time per version."),
+    intra_op_threads: int = typer.Option(
+        0, "--intra-op-threads", help="ONNX Runtime intra-op threads (0: the recipe's setting)."
+    ),
+    request_timeout_s: float = typer.Option(
+        30.0, "--request-timeout", help="Seconds before a request is answered 504."
+    ),
+    poll_interval: float = typer.Option(
+        10.0, "--poll-interval", help="Seconds between registry polls (alias/weight changes)."
+    ),
+    shadow: float = typer.Option(
+        0.0, "--shadow", help="Share (0-1) of champion requests also run on the canary, compared."
+    ),
+    token: str | None = typer.Option(
+        None,
+        "--token",
+        envvar="BLADEFLOW_SERVE_TOKEN",
+        help="Require 'Authorization: Bearer TOKEN' (health endpoints stay open).",
+    ),
+    max_body_mb: float = typer.Option(8.0, "--max-body-mb", help="Largest request body (413)."),
+    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning, error."),
+    home: Path | None = typer.Option(
+        None, "--home", envvar="BLADEFLOW_HOME", help="Data folder [default: ./.bladeflow]."
+    ),
+    tracking_uri: str | None = typer.Option(
+        None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI."
+    ),
+) -> None:
+    """Serve registered models over the Open Inference Protocol (v2) with dynamic batching.
+
+    Serves each model's 'champion' version and sends bladeflow.canary_weight % of traffic to its
+    'canary'; polls the registry and swaps versions without dropping requests. Exit code 2 when
+    a model has no champion.
+    """
+    from bladeflow.errors import UserInputError
+    from bladeflow.registry import check_model_name
+    from serving.model import ServeOptions
+    from serving.server import ServerConfig, run
+
+    settings = Settings.from_env(home=home, tracking_uri=tracking_uri)
+    settings.apply()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    problems = []
+    if not 0.0 <= shadow <= 1.0:
+        problems.append("--shadow must be between 0 and 1 (a share of champion requests)")
+    if max_batch_size < 1 or max_queue_size < 1 or workers < 1:
+        problems.append("--max-batch-size, --max-queue-size and --workers must be >= 1")
+    try:
+        for name in model:
+            check_model_name(name)
+    except UserInputError as exc:
+        problems.append(str(exc))
+    if problems:
+        typer.echo("bladeflow: bad input: " + "; ".join(problems), err=True)
+        raise typer.Exit(2)
+    options = ServeOptions(
+        max_batch_size=max_batch_size,
+        batch_timeout_ms=batch_timeout_ms,
+        max_queue_size=max_queue_size,
+        workers=workers,
+        intra_op_threads=intra_op_threads,
+        request_timeout_s=request_timeout_s,
+        shadow_share=shadow,
+    )
+    config = ServerConfig(
+        host=host,
+        port=port,
+        token=token or None,
+        max_body_bytes=int(max_body_mb * (1 << 20)),
+        poll_interval_s=poll_interval,
+        log_level=log_level.lower(),
+    )
+    from serving.fleet import NoChampionError
+
+    try:
+        run(settings, list(dict.fromkeys(model)), options, config)
+    except NoChampionError as exc:
+        typer.echo(f"bladeflow: bad input: {exc}", err=True)
+        raise typer.Exit(2) from None

@@ -1,0 +1,295 @@
+"""The served models and their registry state: initial load, polling, hot swap.
+
+Each model has an immutable :class:`Deployment` (champion runner, canary runner, weight). The
+request path reads ``slot.deployment`` once per request; the watcher builds a new one after the
+new version has loaded and warmed up, and swaps the reference: a request sees either the old or
+the new deployment, never a half-loaded one. Retired batchers finish what they hold, so no
+request is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bladeflow import registry
+from serving.batching import Batcher, ModelQueue
+from serving.metrics import Metrics
+from serving.model import LoadedVersion, LoadError, ServeOptions, load_version
+from serving.routing import CANARY, CHAMPION
+
+log = logging.getLogger("bladeflow.serving")
+
+
+@dataclass(frozen=True)
+class Runner:
+    """A loaded version and its batcher."""
+
+    model: LoadedVersion
+    batcher: Batcher
+
+    @property
+    def version(self) -> str:
+        return self.model.version
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """What serves a model right now. Replaced as a whole, never mutated."""
+
+    champion: Runner | None = None
+    canary: Runner | None = None
+    weight: int = 0
+
+    def runners(self) -> dict[str, Runner]:
+        out = {}
+        if self.champion:
+            out[CHAMPION] = self.champion
+        if self.canary:
+            out[CANARY] = self.canary
+        return out
+
+
+@dataclass(frozen=True)
+class RegistryState:
+    """A model's serving-relevant registry state."""
+
+    champion: str | None
+    canary: str | None
+    weight: int
+
+
+@dataclass
+class ModelSlot:
+    """One served model: its deployment, queue and load history."""
+
+    name: str
+    queue: ModelQueue
+    deployment: Deployment = field(default_factory=Deployment)
+    wanted: RegistryState | None = None
+    last_error: str | None = None
+    in_flight: int = 0  # requests inside the infer handler (waiting, batched or running)
+    failed: dict[str, float] = field(default_factory=dict)  # version -> time of last failure
+
+    @property
+    def ready(self) -> bool:
+        return self.deployment.champion is not None
+
+    def status(self) -> dict[str, Any]:
+        d = self.deployment
+        return {
+            "ready": self.ready,
+            "champion": d.champion.version if d.champion else None,
+            "canary": d.canary.version if d.canary else None,
+            "canary_weight": d.weight if d.canary else 0,
+            "registry": None
+            if self.wanted is None
+            else {
+                "champion": self.wanted.champion,
+                "canary": self.wanted.canary,
+                "canary_weight": self.wanted.weight,
+            },
+            "last_error": self.last_error,
+            "failed_versions": sorted(self.failed),
+            "queue_depth": self.queue.depth,
+            "in_flight": self.in_flight,
+        }
+
+
+class NoChampionError(Exception):
+    """A model to serve has no ``champion`` alias (the server refuses to start)."""
+
+
+def read_state(client: Any, name: str) -> RegistryState:
+    """Champion and canary versions and the canary weight of ``name`` from the registry."""
+    rm = client.get_registered_model(name)
+    aliases = {k: str(v) for k, v in (rm.aliases or {}).items()}
+    try:
+        weight = int(float((rm.tags or {}).get(registry.MODEL_TAG_CANARY_WEIGHT, "0")))
+    except ValueError:
+        weight = 0
+    return RegistryState(
+        aliases.get(registry.ALIAS_CHAMPION),
+        aliases.get(registry.ALIAS_CANARY),
+        min(100, max(0, weight)),
+    )
+
+
+def check_champions(client: Any, names: list[str]) -> dict[str, RegistryState]:
+    """Registry state of every model; raise NoChampionError naming how to release one."""
+    from mlflow.exceptions import MlflowException
+
+    states = {}
+    for name in names:
+        try:
+            state = read_state(client, name)
+        except MlflowException as exc:
+            raise NoChampionError(
+                f"model {name!r} cannot be read from the registry: {exc.message}"
+            ) from exc
+        if state.champion is None:
+            raise NoChampionError(
+                f"model {name!r} has no 'champion' version to serve. Release one first, e.g. in "
+                f"Python: MlflowClient().set_registered_model_alias({name!r}, 'champion', VERSION) "
+                "(later: `bladeflow release start`)."
+            )
+        states[name] = state
+    return states
+
+
+class Fleet:
+    """All served models; loads them, watches the registry, swaps versions."""
+
+    def __init__(
+        self,
+        client: Any,
+        names: list[str],
+        options: ServeOptions,
+        metrics: Metrics,
+        poll_interval_s: float = 10.0,
+    ):
+        self.client = client
+        self.options = options
+        self.metrics = metrics
+        self.poll_interval_s = poll_interval_s
+        self.slots = {
+            n: ModelSlot(n, ModelQueue(options.max_queue_size, metrics.queue_depth.labels(n).set))
+            for n in names
+        }
+        pool = max(2, options.workers * 3 * len(names))
+        self.executor = ThreadPoolExecutor(pool, thread_name_prefix="bladeflow-infer")
+        self._workdir = Path(tempfile.mkdtemp(prefix="bladeflow-serve-"))
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def ready(self) -> bool:
+        return all(s.ready for s in self.slots.values())
+
+    def start(self) -> None:
+        """Load every model and then poll the registry, in the background."""
+        self._task = asyncio.get_running_loop().create_task(self._watch())
+
+    async def close(self) -> None:
+        """Stop polling, let every batcher finish its requests, free the models."""
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for slot in self.slots.values():
+            for runner in slot.deployment.runners().values():
+                await runner.batcher.close()
+        self.executor.shutdown(wait=True)
+        shutil.rmtree(self._workdir, ignore_errors=True)
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                await self.poll()
+            except Exception:  # the registry may be briefly unreachable: keep serving, retry
+                log.exception("polling the registry failed; serving the loaded versions")
+            await asyncio.sleep(self.poll_interval_s)
+
+    async def poll(self) -> None:
+        """Read the registry once and bring every model in line with it."""
+        async with self._lock:
+            for slot in self.slots.values():
+                state = await asyncio.to_thread(read_state, self.client, slot.name)
+                slot.wanted = state
+                await self._reconcile(slot, state)
+
+    async def _reconcile(self, slot: ModelSlot, state: RegistryState) -> None:
+        current = slot.deployment
+        by_version = {r.version: r for r in current.runners().values()}
+        new: dict[str, Runner | None] = {}
+        for role, want in ((CHAMPION, state.champion), (CANARY, state.canary)):
+            have = current.runners().get(role)
+            if want is None:
+                new[role] = None
+            elif want in by_version:
+                new[role] = by_version[want]  # e.g. canary promoted: reuse, no reload
+            elif self._recently_failed(slot, want):
+                new[role] = have
+            else:
+                runner = await self._load(slot, want)
+                if runner is not None:
+                    by_version[want] = runner
+                new[role] = runner or have
+        champion, canary = new[CHAMPION], new[CANARY]
+        if canary is not None and champion is not None and canary.version == champion.version:
+            canary = None
+        updated = Deployment(champion, canary, state.weight)
+        if updated == current:
+            return
+        slot.deployment = updated  # the atomic swap
+        self._publish(slot, current, updated)
+        kept = {id(r) for r in updated.runners().values()}
+        for runner in current.runners().values():
+            if id(runner) not in kept:
+                asyncio.get_running_loop().create_task(self._retire(runner))
+
+    def _recently_failed(self, slot: ModelSlot, version: str) -> bool:
+        when = slot.failed.get(version)
+        return when is not None and time.monotonic() - when < max(30.0, 10 * self.poll_interval_s)
+
+    async def _load(self, slot: ModelSlot, version: str) -> Runner | None:
+        log.info("loading %s version %s", slot.name, version)
+        try:
+            model = await asyncio.to_thread(
+                load_version, self.client, slot.name, version, self._workdir, self.options
+            )
+        except LoadError as exc:
+            slot.failed[version] = time.monotonic()
+            slot.last_error = str(exc)
+            self.metrics.load_failures.labels(slot.name, version).inc()
+            log.error("cannot serve %s; keeping the loaded versions", exc)
+            return None
+        slot.failed.pop(version, None)
+        slot.last_error = None
+        return Runner(model, self._batcher(slot, model))
+
+    def _batcher(self, slot: ModelSlot, model: LoadedVersion) -> Batcher:
+        size = self.metrics.batch_size.labels(slot.name, model.version)
+        duration = self.metrics.inference_duration.labels(slot.name, model.version)
+
+        def on_batch(rows: int, seconds: float) -> None:
+            size.observe(rows)
+            duration.observe(seconds)
+
+        o = self.options
+        return Batcher(
+            model.predict,
+            model.inputs,
+            model.output_shapes,
+            slot.queue,
+            max_batch_size=o.max_batch_size,
+            timeout_s=o.batch_timeout_ms / 1000.0,
+            workers=o.workers,
+            executor=self.executor,
+            on_batch=on_batch,
+        )
+
+    def _publish(self, slot: ModelSlot, old: Deployment, new: Deployment) -> None:
+        for role, runner in old.runners().items():
+            with contextlib.suppress(KeyError):
+                self.metrics.model_info.remove(slot.name, runner.version, role)
+        for role, runner in new.runners().items():
+            self.metrics.model_info.labels(slot.name, runner.version, role).set(1)
+        log.info(
+            "%s now serves champion=%s canary=%s weight=%d",
+            slot.name,
+            new.champion.version if new.champion else None,
+            new.canary.version if new.canary else None,
+            new.weight if new.canary else 0,
+        )
+
+    async def _retire(self, runner: Runner) -> None:
+        await runner.batcher.close()
+        log.info("retired %s version %s", runner.model.name, runner.version)

@@ -1,0 +1,135 @@
+"""The OpenAPI document of the server (served at ``/openapi.json``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+JSON = "application/json"
+
+_TENSOR = {
+    "type": "object",
+    "required": ["name", "shape", "datatype", "data"],
+    "properties": {
+        "name": {"type": "string"},
+        "shape": {"type": "array", "items": {"type": "integer"}},
+        "datatype": {
+            "type": "string",
+            "enum": [
+                "BOOL",
+                "INT8",
+                "INT16",
+                "INT32",
+                "INT64",
+                "UINT8",
+                "FP16",
+                "FP32",
+                "FP64",
+                "BYTES",
+            ],
+        },
+        "data": {"type": "array", "description": "row-major values, flat or nested"},
+    },
+}
+_ERR = {
+    "description": "error",
+    "content": {JSON: {"schema": {"$ref": "#/components/schemas/Error"}}},
+}
+_INFER = {
+    "summary": "Run inference (routed to champion or canary; X-Routing-Key makes it sticky)",
+    "parameters": [
+        {"name": "X-Routing-Key", "in": "header", "required": False, "schema": {"type": "string"}}
+    ],
+    "requestBody": {
+        "required": True,
+        "content": {JSON: {"schema": {"$ref": "#/components/schemas/InferRequest"}}},
+    },
+    "responses": {
+        "200": {
+            "description": "outputs",
+            "content": {JSON: {"schema": {"$ref": "#/components/schemas/InferResponse"}}},
+        },
+        "400": _ERR,
+        "401": _ERR,
+        "404": _ERR,
+        "413": _ERR,
+        "429": _ERR,
+        "503": _ERR,
+        "504": _ERR,
+    },
+}
+_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+_VERSION = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {"title": "bladeflow serve (Open Inference Protocol v2)", "version": "2"},
+    "components": {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "schemas": {
+            "Error": {"type": "object", "properties": {"error": {"type": "string"}}},
+            "InferRequest": {
+                "type": "object",
+                "required": ["inputs"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "inputs": {"type": "array", "items": _TENSOR},
+                    "outputs": {
+                        "type": "array",
+                        "items": {"type": "object", "properties": {"name": {"type": "string"}}},
+                    },
+                },
+            },
+            "InferResponse": {
+                "type": "object",
+                "properties": {
+                    "model_name": {"type": "string"},
+                    "model_version": {"type": "string", "description": "the version that answered"},
+                    "id": {"type": "string"},
+                    "outputs": {"type": "array", "items": _TENSOR},
+                },
+            },
+        },
+    },
+    "security": [{"bearer": []}],
+    "paths": {
+        "/v2/health/live": {
+            "get": {
+                "summary": "Server is live",
+                "security": [],
+                "responses": {"200": {"description": "live"}},
+            }
+        },
+        "/v2/health/ready": {
+            "get": {
+                "summary": "Every model loaded",
+                "security": [],
+                "responses": {"200": {"description": "ready"}, "503": _ERR},
+            }
+        },
+        "/v2/models/{name}": {
+            "get": {
+                "summary": "Model metadata and serving state",
+                "parameters": [_NAME],
+                "responses": {"200": {"description": "metadata"}, "404": _ERR},
+            }
+        },
+        "/v2/models/{name}/ready": {
+            "get": {
+                "summary": "Model ready",
+                "parameters": [_NAME],
+                "responses": {"200": {"description": "ready"}, "503": _ERR},
+            }
+        },
+        "/v2/models/{name}/infer": {
+            "post": {**_INFER, "parameters": [_NAME, *_INFER["parameters"]]}
+        },
+        "/v2/models/{name}/versions/{version}/infer": {
+            "post": {**_INFER, "parameters": [_NAME, _VERSION]}
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics",
+                "responses": {"200": {"description": "text format"}},
+            }
+        },
+    },
+}

@@ -1,0 +1,86 @@
+"""Start the server: check the registry, build the app, run uvicorn until SIGTERM/SIGINT.
+
+On SIGTERM uvicorn stops accepting connections and waits for the requests in flight; then the
+app's shutdown lets every batcher finish what it holds before the process exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from bladeflow.settings import Settings
+from serving.metrics import Metrics
+from serving.model import ServeOptions
+
+log = logging.getLogger("bladeflow.serving")
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where and how the server listens."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    token: str | None = None
+    max_body_bytes: int = 8 << 20
+    poll_interval_s: float = 10.0
+    drain_timeout_s: float = 30.0
+    log_level: str = "info"
+
+
+def make_app(settings: Settings, names: list[str], options: ServeOptions, config: ServerConfig):  # type: ignore[no-untyped-def]
+    """Check that every model has a champion (raises NoChampionError) and build the ASGI app."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from serving.app import build_app
+    from serving.fleet import Fleet, check_champions
+
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    mlflow.set_registry_uri(settings.registry_uri)
+    client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.registry_uri)
+    check_champions(client, names)
+    metrics = Metrics()
+    fleet = Fleet(client, names, options, metrics, poll_interval_s=config.poll_interval_s)
+    return build_app(fleet, metrics, token=config.token, max_body_bytes=config.max_body_bytes)
+
+
+def run(settings: Settings, names: list[str], options: ServeOptions, config: ServerConfig) -> None:
+    """Serve until SIGTERM/SIGINT (blocking)."""
+    import uvicorn
+
+    _Server = _server_class()
+    app = make_app(settings, names, options, config)
+    uv = uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level=config.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=int(config.drain_timeout_s),
+        lifespan="on",
+    )
+    _Server(uv).run()
+
+
+def _server_class() -> type:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, exiting 0 after a graceful SIGTERM (it re-raises the signal)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            previous = {s: signal.signal(s, self.handle_exit) for s in _SIGNALS}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return Server
