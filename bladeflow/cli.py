@@ -67,9 +67,23 @@ def optimize(
         None,
         "--data",
         "-d",
-        help="Validation inputs: a .npz with one array per model input, samples along axis 0. "
-        "Without it, inputs are synthesized from the signature (cannot judge quantization).",
+        help="Validation data: .npz or a folder of .npy (one array per model input, samples "
+        "along axis 0), or .parquet/.csv/.jsonl (columns = inputs or text columns). Without "
+        "it, inputs are synthesized from the signature (cannot judge quantization).",
     ),
+    labels_column: str | None = typer.Option(
+        None, "--labels-column", help="Column/array of labels in --data, for task metrics."
+    ),
+    text_column: list[str] = typer.Option(
+        [],
+        "--text-column",
+        help="Text column of --data to tokenize with the model's tokenizer (give two for a "
+        "text pair).",
+    ),
+    calibration_data: Path | None = typer.Option(
+        None, "--calibration-data", help="Separate data for int8 static calibration."
+    ),
+    min_rows: int = typer.Option(1, "--min-rows", help="Fewest validation samples accepted."),
     batch_sizes: str = typer.Option(
         "1,8,32", "--batch-sizes", "-b", help="Comma-separated batch sizes to benchmark."
     ),
@@ -138,6 +152,10 @@ def optimize(
             source=source,
             name=name,
             data=str(data) if data else None,
+            labels_column=labels_column,
+            text_columns=text_column or None,
+            calibration=str(calibration_data) if calibration_data else None,
+            min_rows=min_rows,
             format=model_format,
             signature=signature,
             input_shapes=_input_shapes(input_shape),
@@ -284,7 +302,7 @@ def _preflight(params: Any) -> None:
         return  # other formats are checked by their converter, which needs the framework
     with tempfile.TemporaryDirectory(prefix="bladeflow-preflight-") as tmp:
         model = load_onnx_source(params.source, Path(tmp))
-        if params.data:
+        if params.data and params.data.endswith(".npz"):
             load_npz(params.data, model.signature)
 
 
