@@ -16,6 +16,7 @@ import typer
 from bladeflow.errors import BladeflowError, UserInputError
 from bladeflow.settings import Settings
 from serving.cli import serve
+from tasks.release import cli as release_cli
 
 app = typer.Typer(
     name="bladeflow",
@@ -130,9 +131,26 @@ def optimize(
     min_cosine: float = typer.Option(
         0.999, "--min-cosine", help="Lowest per-sample cosine similarity to the source."
     ),
+    recovery_budget: float = typer.Option(
+        300.0,
+        "--recovery-budget",
+        help="Seconds accuracy recovery may spend per recipe keeping sensitive nodes in fp32.",
+    ),
     bench_rounds: int = typer.Option(5, "--bench-rounds", help="Interleaved benchmark rounds."),
     bench_iterations: int = typer.Option(
         20, "--bench-iterations", help="Timed runs per model, batch size and round."
+    ),
+    release: bool = typer.Option(
+        False,
+        "--release",
+        help="After registering, start a staged release of the new version (needs a running "
+        "`bladeflow serve`; see `bladeflow release start --help`).",
+    ),
+    release_plan: str = typer.Option(
+        "default", "--release-plan", help="Release plan: default, fast, or a .json/.yaml file."
+    ),
+    approval: bool = typer.Option(
+        False, "--approval", help="With --release: pause for approval in the Prefect UI."
     ),
     as_json: bool = typer.Option(
         False, "--json", help="Print one JSON object on stdout (progress stays on stderr)."
@@ -142,8 +160,10 @@ def optimize(
 ) -> None:
     """Optimize SOURCE and register the fastest candidate that passes the accuracy gate.
 
-    Exit codes: 0 registered; 2 bad input (nothing registered); 3 no candidate passed the
-    accuracy gate (nothing registered; the MLflow run records why); 4 MLflow unusable.
+    Exit codes: 0 registered (and released, with --release); 2 bad input (nothing registered);
+    3 no candidate passed the accuracy gate (nothing registered; the MLflow run records why),
+    or with --release the release was rolled back; 4 MLflow unusable; 5 another release of the
+    model is in progress.
     """
     settings = Settings.from_env(home=home, tracking_uri=tracking_uri)
     settings.apply()
@@ -162,6 +182,7 @@ def optimize(
             dynamic_axes=_dynamic_axes(dynamic_axes),
             target_opset=target_opset,
             batch_sizes=_batch_sizes(batch_sizes),
+            recovery_budget_s=recovery_budget,
             objective=objective,
             passes=passes,
             preset=preset,
@@ -177,6 +198,18 @@ def optimize(
         typer.echo(result.model_dump_json(indent=2))
     else:
         _print_result(result, settings)
+    if release:
+        release_cli.start(
+            name=result.name,
+            version=result.version,
+            plan=release_plan,
+            approval=approval,
+            endpoint=[],
+            actor=None,
+            as_json=False,
+            home=home,
+            tracking_uri=settings.tracking_uri,
+        )
 
 
 @app.command()
@@ -228,6 +261,16 @@ def info(home: Path | None = HOME_OPTION, tracking_uri: str | None = TRACKING_OP
 
 
 app.command(name="serve")(serve)
+
+release_app = typer.Typer(
+    name="release",
+    help="Staged gray release of a validated version: shadow -> 5% -> 25% -> 50% -> 100%, gated "
+    "by live serving metrics, rolled back automatically when a gate fails.",
+    no_args_is_help=True,
+)
+for _command in (release_cli.start, release_cli.status, release_cli.promote, release_cli.rollback):
+    release_app.command()(_command)
+app.add_typer(release_app)
 
 
 def _batch_sizes(text: str) -> list[int]:

@@ -28,6 +28,9 @@ ALIAS_CHAMPION = "champion"
 
 # Registered-model tags.
 MODEL_TAG_CANARY_WEIGHT = "bladeflow.canary_weight"  # 0-100: share of traffic for the canary
+MODEL_TAG_SHADOW_SHARE = "bladeflow.shadow_share"  # 0-100: % of champion requests mirrored
+MODEL_TAG_PREVIOUS_CHAMPION = "bladeflow.previous_champion"  # what `release rollback` restores
+MODEL_TAG_RELEASE_LEASE = "bladeflow.release.lease"  # JSON lease: one release per model
 
 # The pseudo-pass that closes every recipe: how ONNX Runtime must run the model.
 RUNTIME_STEP = "runtime.onnxruntime"

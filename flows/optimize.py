@@ -39,7 +39,8 @@ from bladeflow.settings import Settings
 from tasks.benchmark.latency import BenchmarkSettings, benchmark
 from tasks.convert.dispatch import ConvertOptions, convert_source, detect, open_source_runner
 from tasks.convert.verify import run_source
-from tasks.optimize.recipes import BASELINE, Recipe, build_candidate, resolve_recipes
+from tasks.optimize.base import PassContext
+from tasks.optimize.recipes import BASELINE, Recipe, build_candidate, plan_recipes
 from tasks.register import mlflow_registry as reg
 from tasks.validate.accuracy import REFERENCE_SESSION, predict
 from tasks.validate.data import fixed_batch
@@ -94,6 +95,9 @@ class OptimizeParams(BaseModel):
     preset: str = Field("cpu", description="which candidate recipes to try")
     passes: str | None = Field(None, description="explicit recipes, e.g. 'ort_graph:level=all'")
     objective: str = Field("latency@1", description="latency@BATCH or throughput@BATCH")
+    recovery_budget_s: float = Field(
+        300.0, ge=0, description="time budget of accuracy recovery (mixed precision) per recipe"
+    )
     tolerance: Tolerance = Field(default_factory=Tolerance)
     policy: TolerancePolicy | None = Field(
         None,
@@ -173,8 +177,10 @@ def prepare_data_task(model: ModelArtifact, params: OptimizeParams, workdir: Pat
 
 
 @task(name="build-candidate", task_run_name="build-{recipe.name}")
-def build_candidate_task(recipe: Recipe, model: ModelArtifact, workdir: Path) -> Candidate:
-    return build_candidate(recipe, model, workdir)
+def build_candidate_task(
+    recipe: Recipe, model: ModelArtifact, workdir: Path, context: PassContext
+) -> Candidate:
+    return build_candidate(recipe, model, workdir, context)
 
 
 @task(name="reference-outputs")
@@ -316,7 +322,8 @@ def optimize_flow(params: OptimizeParams) -> OptimizeResult:
         prepared = prepare_data_task(model, params, run_dir)
     data = prepared.data
     policy = params.policy or policy_from_tolerance(params.tolerance)
-    recipes = resolve_recipes(params.preset, params.passes)
+    plan = plan_recipes(params.preset, params.passes)
+    recipes = plan.recipes
 
     run_id = start_run_task(
         settings,
@@ -325,6 +332,7 @@ def optimize_flow(params: OptimizeParams) -> OptimizeResult:
             **params.model_dump(exclude={"tolerance", "bench", "tracking_uri", "policy"}),
             "policy": policy.model_dump(mode="json"),
             "recipes": [r.model_dump(mode="json") for r in recipes],
+            "skipped_recipes": plan.skipped,
             "source_sha256": model.provenance.parent_sha256,
             "synthetic_data": data.synthetic,
             "hardware": hardware(),
@@ -332,23 +340,36 @@ def optimize_flow(params: OptimizeParams) -> OptimizeResult:
     )
     try:
         with _stage(stages, "optimize") as st:
-            candidates, build_failures = _build_all(recipes, model, run_dir / "candidates")
-            st.outputs = {"candidates": [c.name for c in candidates], "failed": build_failures}
+            # The reference comes first: accuracy recovery searches against it while it builds.
+            reference = reference_task(params.source, options, model, data, run_dir)
+            context = PassContext(
+                data=data,
+                reference_path=reference,
+                tolerance=params.tolerance,
+                time_budget_s=params.recovery_budget_s,
+            )
+            candidates, build_failures = _build_all(recipes, model, run_dir / "candidates", context)
+            st.outputs = {
+                "candidates": [c.name for c in candidates],
+                "failed": build_failures,
+                "skipped": plan.skipped,
+            }
 
         with _stage(stages, "validate") as st:
-            reference = reference_task(params.source, options, model, data, run_dir)
             futures = [
                 validate_task.submit(c, reference, prepared, policy, reports_dir / "gx")
                 for c in candidates
             ]
             outcomes = {c.name: f.result() for c, f in zip(candidates, futures, strict=True)}
             accuracy = {n: o.report for n, o in outcomes.items()}
-            for name, reason in build_failures.items():
+            not_built = {n: f"pass failed: {r}" for n, r in build_failures.items()}
+            not_built.update({n: f"skipped here: {r}" for n, r in plan.skipped.items()})
+            for name, reason in not_built.items():
                 accuracy[name] = AccuracyReport(
                     candidate=name,
                     passed=False,
                     outputs={},
-                    reason=f"pass failed: {reason}",
+                    reason=reason,
                     synthetic_data=data.synthetic,
                 )
             passing = [c for c in candidates if accuracy[c.name].passed]
@@ -574,10 +595,10 @@ def _stage(stages: list[StageResult], name: str) -> Iterator[StageResult]:
 
 
 def _build_all(
-    recipes: list[Recipe], model: ModelArtifact, workdir: Path
+    recipes: list[Recipe], model: ModelArtifact, workdir: Path, context: PassContext
 ) -> tuple[list[Candidate], dict[str, str]]:
-    """Build every candidate in parallel; a pass that fails rejects its candidate only."""
-    futures = [(r, build_candidate_task.submit(r, model, workdir)) for r in recipes]
+    """Build every candidate through the task runner; a pass that fails rejects its candidate."""
+    futures = [(r, build_candidate_task.submit(r, model, workdir, context)) for r in recipes]
     built, failed = [], {}
     for recipe, fut in futures:
         state = fut.wait() or fut.state

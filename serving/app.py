@@ -198,7 +198,10 @@ def build_app(
                 slot.name, version, role, start, _error(f"inference failed: {exc}", status)
             )
         payload = encode_response(slot.name, version, outputs, req.request_id, req.outputs)
-        if role == CHAMPION and dep.canary is not None and rng.random() < options.shadow_share:
+        # Mirror share: the --shadow floor, or the release's registry tag when it asks for more.
+        wanted = slot.wanted.shadow_share / 100 if slot.wanted else 0.0
+        share = max(options.shadow_share, wanted)
+        if role == CHAMPION and dep.canary is not None and share and rng.random() < share:
             _shadow(slot, req, outputs)
         return _count(slot.name, version, role, start, Response(payload, media_type=JSON))
 

@@ -65,6 +65,7 @@ class RegistryState:
     champion: str | None
     canary: str | None
     weight: int
+    shadow_share: int = 0  # 0-100, from the registry: % of champion requests mirrored
 
 
 @dataclass
@@ -112,15 +113,20 @@ def read_state(client: Any, name: str) -> RegistryState:
     """Champion and canary versions and the canary weight of ``name`` from the registry."""
     rm = client.get_registered_model(name)
     aliases = {k: str(v) for k, v in (rm.aliases or {}).items()}
-    try:
-        weight = int(float((rm.tags or {}).get(registry.MODEL_TAG_CANARY_WEIGHT, "0")))
-    except ValueError:
-        weight = 0
+    tags = rm.tags or {}
     return RegistryState(
         aliases.get(registry.ALIAS_CHAMPION),
         aliases.get(registry.ALIAS_CANARY),
-        min(100, max(0, weight)),
+        _percent(tags.get(registry.MODEL_TAG_CANARY_WEIGHT)),
+        _percent(tags.get(registry.MODEL_TAG_SHADOW_SHARE)),
     )
+
+
+def _percent(value: str | None) -> int:
+    try:
+        return min(100, max(0, int(float(value or "0"))))
+    except ValueError:
+        return 0
 
 
 def check_champions(client: Any, names: list[str]) -> dict[str, RegistryState]:

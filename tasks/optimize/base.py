@@ -15,12 +15,41 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from bladeflow.contract import ModelArtifact, PassRecord, Provenance, SessionConfig
+from bladeflow.contract import (
+    DataRef,
+    ModelArtifact,
+    PassRecord,
+    Provenance,
+    SessionConfig,
+    Tolerance,
+)
 from bladeflow.environment import tool_versions
 from bladeflow.errors import UserInputError
 from bladeflow.hashing import sha256_path
 
 PASSES: dict[str, type[OptimizationPass]] = {}
+
+
+class PassNotApplicable(UserInputError):
+    """A pass cannot run here (no GPU, no package, no validation data): skipped with a reason."""
+
+
+class PassContext(BaseModel):
+    """What accuracy-aware passes need besides the model: data, reference outputs and the gate.
+
+    Attributes:
+        data: The validation inputs (``.npz`` by input name).
+        reference_path: ``.npz`` of the source model's outputs on ``data`` (the gate's reference).
+        tolerance: The accuracy gate every candidate must pass.
+        time_budget_s: Wall-clock budget for a pass's search (e.g. accuracy recovery).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    data: DataRef
+    reference_path: str
+    tolerance: Tolerance
+    time_budget_s: float = 300.0
 
 
 class PassConfig(BaseModel):
@@ -34,6 +63,10 @@ class OptimizationPass(ABC):
 
     name: ClassVar[str]
     config_cls: ClassVar[type[PassConfig]] = PassConfig
+    uses_context: ClassVar[bool] = False
+    """True for passes whose output depends on the PassContext (data, reference, tolerance)."""
+    changes_graph: ClassVar[bool] = True
+    """False for passes that only change how the model is run (their ``apply`` is never called)."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -51,9 +84,22 @@ class OptimizationPass(ABC):
             except ValidationError as exc:
                 raise UserInputError(f"invalid config for pass {self.name!r}: {exc}") from exc
 
+    @classmethod
+    def applicable(cls, hardware: dict[str, Any]) -> str | None:
+        """None when the pass can run on ``hardware`` (see bladeflow.environment), else why not."""
+        return None
+
     @abstractmethod
     def apply(self, source: Path, output: Path) -> None:
         """Read the ONNX model at ``source`` and write the optimized model to ``output``."""
+
+    def apply_in_context(self, source: Path, output: Path, context: PassContext | None) -> None:
+        """Like :meth:`apply`; passes that need validation data (accuracy recovery) override it."""
+        self.apply(source, output)
+
+    def details(self) -> dict[str, Any]:
+        """What the pass found while running (fusion counts, nodes kept in fp32), for the record."""
+        return {}
 
     def session_config(self, current: SessionConfig) -> SessionConfig:
         """How the pass's output must be run (e.g. no re-optimization at load)."""
@@ -62,20 +108,33 @@ class OptimizationPass(ABC):
     def record(self) -> PassRecord:
         return PassRecord(name=self.name, config=self.config.model_dump(mode="json"))
 
-    def run(self, model: ModelArtifact, workdir: Path) -> ModelArtifact:
-        """Apply the pass to ``model``; output and ``pass_config.json`` go to ``workdir``."""
+    def run(
+        self, model: ModelArtifact, workdir: Path, context: PassContext | None = None
+    ) -> ModelArtifact:
+        """Apply the pass to ``model``; output and ``pass_config.json`` go to ``workdir``.
+
+        When ``workdir`` already holds this pass's output for the same input and config (e.g. the
+        same chain built for several session variants), that output is reused.
+        """
         workdir.mkdir(parents=True, exist_ok=True)
         output = workdir / "model.onnx"
-        started = time.perf_counter()
-        self.apply(Path(model.path), output)
         record = self.record()
-        (workdir / "pass_config.json").write_text(
-            json.dumps(
-                {**record.model_dump(), "input_sha256": model.sha256,
-                 "elapsed_s": round(time.perf_counter() - started, 3)},
-                indent=2,
+        config_file = workdir / "pass_config.json"
+        if not _reusable(config_file, output, record, model.sha256):
+            started = time.perf_counter()
+            self.apply_in_context(Path(model.path), output, context)
+            config_file.write_text(
+                json.dumps(
+                    {
+                        **record.model_dump(),
+                        "input_sha256": model.sha256,
+                        "elapsed_s": round(time.perf_counter() - started, 3),
+                        "details": self.details(),
+                    },
+                    indent=2,
+                    default=str,
+                )
             )
-        )
         return ModelArtifact(
             path=str(output),
             format="onnx",
@@ -83,10 +142,26 @@ class OptimizationPass(ABC):
             size_bytes=output.stat().st_size,
             signature=model.signature,
             provenance=Provenance(
-                source=model.provenance.source, parent_sha256=model.sha256, step=record,
+                source=model.provenance.source,
+                parent_sha256=model.sha256,
+                step=record,
                 tool_versions=tool_versions(),
             ),
         )
+
+
+def _reusable(config_file: Path, output: Path, record: PassRecord, input_sha: str) -> bool:
+    if not (config_file.is_file() and output.is_file()):
+        return False
+    try:
+        saved = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(
+        saved.get("input_sha256") == input_sha
+        and saved.get("name") == record.name
+        and saved.get("config") == record.config
+    )
 
 
 def get_pass(name: str, config: dict[str, Any] | None = None) -> OptimizationPass:
@@ -103,4 +178,20 @@ def get_pass(name: str, config: dict[str, Any] | None = None) -> OptimizationPas
 
 def _load_builtin_passes() -> None:
     # Importing the modules registers their passes; kept here so `base` has no import cycle.
-    from tasks.optimize import ort_graph  # noqa: F401
+    from tasks.optimize import (  # noqa: F401
+        fp16,
+        gpu,
+        mixed_precision,
+        ort_graph,
+        quant_dynamic,
+        quant_static,
+        runtime,
+        simplify,
+        transformer_fusion,
+    )
+
+
+def all_passes() -> dict[str, type[OptimizationPass]]:
+    """Every built-in pass by name."""
+    _load_builtin_passes()
+    return dict(PASSES)

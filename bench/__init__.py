@@ -1,0 +1,1 @@
+"""Benchmarks: speed is measured here, on real models, not in the tests."""

@@ -1,0 +1,137 @@
+"""GPU execution: CUDA and TensorRT execution providers (skipped with a reason without a GPU)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import onnx
+from pydantic import Field
+
+from bladeflow.contract import SessionConfig
+from tasks.optimize.base import OptimizationPass, PassConfig
+
+PROVIDER_OPTIONS_FILE = "provider_options.json"
+
+
+def gpu_missing(hw: dict[str, Any], provider: str) -> str | None:
+    """Why ``provider`` cannot run here, or None."""
+    import onnxruntime as ort
+
+    if not hw.get("gpus"):
+        return "no NVIDIA GPU found (nvidia-smi lists none)"
+    if provider not in ort.get_available_providers():
+        return (
+            f"this onnxruntime build ({ort.__version__}) has no {provider}; install the gpu extra "
+            "(onnxruntime-gpu) in its own environment"
+        )
+    return None
+
+
+class CudaConfig(PassConfig):
+    device_id: int = 0
+
+
+class CudaExecution(OptimizationPass):
+    """Runs the model on the CUDA execution provider (CPU fallback for unsupported ops)."""
+
+    name = "cuda"
+    config_cls = CudaConfig
+    config: CudaConfig
+    changes_graph = False
+
+    @classmethod
+    def applicable(cls, hardware: dict[str, Any]) -> str | None:
+        return gpu_missing(hardware, "CUDAExecutionProvider")
+
+    def apply(self, source: Path, output: Path) -> None:  # pragma: no cover - never called
+        raise NotImplementedError("the cuda pass only changes the session")
+
+    def session_config(self, current: SessionConfig) -> SessionConfig:
+        return current.model_copy(
+            update={"providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+        )
+
+
+class TensorrtConfig(PassConfig):
+    fp16: bool = True
+    # Optimization profile for dynamic dims: symbolic dim name -> (min, opt, max).
+    profile: dict[str, tuple[int, int, int]] = Field(
+        default_factory=lambda: {
+            "batch": (1, 8, 32),
+            "batch_size": (1, 8, 32),
+            "sequence": (1, 128, 512),
+            "sequence_length": (1, 128, 512),
+        }
+    )
+    workspace_gb: int = 4
+
+
+def profile_shapes(model: onnx.ModelProto, profile: dict[str, tuple[int, int, int]]) -> list[str]:
+    """TensorRT ``trt_profile_{min,opt,max}_shapes`` strings ("in:1x16,mask:1x16") for ``model``."""
+    inits = {i.name for i in model.graph.initializer}
+    parts: list[list[str]] = [[], [], []]
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        for k in range(3):
+            sizes = []
+            for d in dims:
+                if d.HasField("dim_value"):
+                    sizes.append(str(d.dim_value))
+                else:
+                    sizes.append(str(profile.get(d.dim_param, (1, 1, 1))[k]))
+            parts[k].append(f"{vi.name}:{'x'.join(sizes)}")
+    return [",".join(p) for p in parts]
+
+
+def tensorrt_provider_options(
+    model_path: Path, config: TensorrtConfig, cache_dir: Path
+) -> dict[str, str]:
+    """Provider options for ORT's TensorrtExecutionProvider (engine cache + profiles)."""
+    mins, opts, maxs = profile_shapes(onnx.load(str(model_path)), config.profile)
+    return {
+        "trt_fp16_enable": str(config.fp16).lower(),
+        "trt_engine_cache_enable": "true",
+        "trt_engine_cache_path": str(cache_dir),
+        "trt_timing_cache_enable": "true",
+        "trt_max_workspace_size": str(config.workspace_gb * 1024**3),
+        "trt_profile_min_shapes": mins,
+        "trt_profile_opt_shapes": opts,
+        "trt_profile_max_shapes": maxs,
+    }
+
+
+class TensorrtExecution(OptimizationPass):
+    """Runs the model on ORT's TensorRT provider with an engine cache and dynamic-shape profiles."""
+
+    name = "tensorrt"
+    config_cls = TensorrtConfig
+    config: TensorrtConfig
+
+    @classmethod
+    def applicable(cls, hardware: dict[str, Any]) -> str | None:
+        return gpu_missing(hardware, "TensorrtExecutionProvider")
+
+    def apply(self, source: Path, output: Path) -> None:
+        # The graph is unchanged; the provider options (profiles, cache) are written beside it.
+        # SessionConfig has no provider options yet, so serving reads them from this file.
+        shutil.copyfile(source, output)
+        options = tensorrt_provider_options(source, self.config, output.parent / "trt_cache")
+        (output.parent / PROVIDER_OPTIONS_FILE).write_text(
+            json.dumps({"TensorrtExecutionProvider": options}, indent=2)
+        )
+
+    def session_config(self, current: SessionConfig) -> SessionConfig:
+        return current.model_copy(
+            update={
+                "providers": [
+                    "TensorrtExecutionProvider",
+                    "CUDAExecutionProvider",
+                    "CPUExecutionProvider",
+                ]
+            }
+        )

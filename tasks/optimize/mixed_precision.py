@@ -1,0 +1,316 @@
+"""Accuracy recovery: int8/fp16 with the nodes that break the accuracy gate kept in fp32."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+from pydantic import Field
+
+from bladeflow.contract import (
+    AccuracyReport,
+    ModelArtifact,
+    Provenance,
+    SessionConfig,
+    Signature,
+    TensorSpec,
+    Tolerance,
+)
+from bladeflow.environment import hardware
+from tasks.optimize.base import OptimizationPass, PassConfig, PassContext, PassNotApplicable
+from tasks.optimize.fp16 import Float16Config, to_float16
+from tasks.optimize.quant_dynamic import QuantizeDynamicConfig, quantize_dynamic_file, resolve
+from tasks.optimize.quant_static import QuantizeStaticConfig, quantize_static_file
+from tasks.validate.accuracy import compare, predict
+from tasks.validate.data import Dataset
+
+# Builds a candidate into `output` with `excluded` node names kept in fp32, or, when `only` is
+# given, with only those nodes converted.
+Builder = Callable[[Path, Path, Sequence[str], Sequence[str] | None], None]
+
+
+class MixedPrecisionConfig(PassConfig):
+    precision: Literal["int8_dynamic", "int8_static", "fp16"] = "int8_dynamic"
+    # Config of the int8_dynamic / int8_static / fp16 pass.
+    quant: dict[str, Any] = Field(default_factory=dict)
+    # Nodes that may be kept in fp32.
+    op_types: list[str] = Field(default_factory=lambda: ["MatMul", "Gemm", "Attention"])
+    max_fp32_fraction: float = 0.5  # give up (keep the best attempt) beyond this share
+    probe_samples: int = 16  # sensitivity is measured on the worst samples of the full attempt
+    # activation_range: rank nodes by the peak-to-RMS ratio of their input activation (one fp32
+    # run: dynamic int8 error grows with it); measured: quantize each node alone and gate it
+    # (exact but one quantization + inference per node).
+    sensitivity: Literal["activation_range", "measured"] = "activation_range"
+    # Aim this share inside the gate (e.g. 0.3: min cosine 0.99 -> 0.993, atol/rtol x0.7): the
+    # search fits the validation samples, and unseen inputs (longer texts) land a bit worse.
+    margin: float = Field(0.3, ge=0.0, lt=1.0)
+
+
+def model_signature(model: onnx.ModelProto) -> Signature:
+    """Inputs and outputs of an ONNX graph as a Signature (enough to run ``predict``)."""
+
+    def spec(vi: onnx.ValueInfoProto) -> TensorSpec:
+        t = vi.type.tensor_type
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)).name
+        dims: list[int | str | None] = [
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim
+        ]
+        return TensorSpec(name=vi.name, dtype=dtype, shape=dims)
+
+    inits = {i.name for i in model.graph.initializer}
+    return Signature(
+        inputs=[spec(i) for i in model.graph.input if i.name not in inits],
+        outputs=[spec(o) for o in model.graph.output],
+    )
+
+
+class _Gate:
+    """Runs a model file on (a subset of) the data and compares it with the reference."""
+
+    def __init__(self, signature: Signature, data: Dataset, reference: Dataset, tol: Tolerance):
+        self.signature, self.data, self.reference, self.tol = signature, data, reference, tol
+        self.evaluations = 0
+        self.parent: _Gate | None = None
+
+    def subset(self, idx: np.ndarray) -> _Gate:
+        pick = lambda d: {k: v[idx] for k, v in d.items()}  # noqa: E731
+        sub = _Gate(self.signature, pick(self.data), pick(self.reference), self.tol)
+        sub.parent = self
+        return sub
+
+    def check(self, path: Path) -> tuple[AccuracyReport, dict[str, np.ndarray]]:
+        self.evaluations += 1
+        if self.parent is not None:
+            self.parent.evaluations += 1
+        artifact = ModelArtifact(
+            path=str(path),
+            format="onnx",
+            sha256="",
+            size_bytes=path.stat().st_size,
+            signature=self.signature,
+            provenance=Provenance(source=str(path)),
+        )
+        outputs = predict(artifact, SessionConfig(), self.data)
+        return compare(path.stem, outputs, self.reference, self.tol, False), outputs
+
+
+def badness(report: AccuracyReport) -> tuple[int, float]:
+    """Sort key, lower is better: failing samples, then 1 - worst cosine."""
+    failing = sum(o.failing_samples for o in report.outputs.values())
+    worst = min((o.min_cosine for o in report.outputs.values()), default=0.0)
+    return (failing if report.outputs else 10**9, 1.0 - worst)
+
+
+def per_sample_cosine(outputs: Dataset, reference: Dataset) -> np.ndarray:
+    """Worst cosine over outputs, per sample."""
+    worst: np.ndarray | None = None
+    for name, ref in reference.items():
+        a = outputs[name].reshape(ref.shape[0], -1).astype(np.float64)
+        b = ref.reshape(ref.shape[0], -1).astype(np.float64)
+        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)
+        worst = cos if worst is None else np.minimum(worst, cos)
+    assert worst is not None
+    return worst
+
+
+def activation_ranking(
+    model: onnx.ModelProto, nodes: list[str], data: Dataset, work: Path
+) -> list[tuple[float, str]]:
+    """(peak-to-RMS ratio of the node's input activation, node) for each node, from one fp32 run.
+
+    One int8 scale covers a whole activation tensor, so the rounding error relative to the
+    signal grows with max|x| / rms(x): outlier features are what break dynamic quantization.
+    """
+    import onnxruntime as ort
+
+    by_name = {n.name: n for n in model.graph.node}
+    wanted = {name: by_name[name].input[0] for name in nodes}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    have = {o.name for o in probe.graph.output}
+    for tensor in dict.fromkeys(wanted.values()):
+        if tensor not in have:
+            probe.graph.output.append(
+                onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None)
+            )
+    path = work / "activations.onnx"
+    onnx.save(probe, str(path))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    names = list(dict.fromkeys(wanted.values()))
+    inputs = {i.name for i in sess.get_inputs()}
+    values = sess.run(names, {k: v for k, v in data.items() if k in inputs})
+    ratio: dict[str, float] = {}
+    for tensor, value in zip(names, values, strict=True):
+        x = np.abs(np.asarray(value, dtype=np.float64)).reshape(len(value), -1)
+        rms = np.sqrt((x**2).mean(axis=1)) + 1e-30
+        ratio[tensor] = float((x.max(axis=1) / rms).max())
+    return [(ratio[wanted[name]], name) for name in nodes]
+
+
+class MixedPrecision(OptimizationPass):
+    """Quantizes (int8/fp16), keeping the nodes that break the accuracy gate in fp32."""
+
+    name = "mixed_precision"
+    config_cls = MixedPrecisionConfig
+    config: MixedPrecisionConfig
+    uses_context = True
+
+    def __init__(self, config: Any = None):
+        super().__init__(config)
+        if self.config.precision == "int8_dynamic":
+            resolved = resolve(QuantizeDynamicConfig(**self.config.quant), hardware())
+            quant = resolved.model_dump(mode="json")
+            self.config = self.config.model_copy(update={"quant": quant})
+        self._details: dict[str, Any] = {}
+
+    def apply(self, source: Path, output: Path) -> None:
+        self.apply_in_context(source, output, None)
+
+    def apply_in_context(self, source: Path, output: Path, context: PassContext | None) -> None:
+        if context is None:
+            raise PassNotApplicable(
+                "accuracy recovery needs validation data, reference outputs and the tolerance: "
+                "call build_candidate(..., context=PassContext(...))"
+            )
+        started = time.monotonic()
+        deadline = started + context.time_budget_s
+        model = onnx.load(str(source))
+        signature = model_signature(model)
+        with np.load(context.data.path, allow_pickle=False) as npz:
+            data = {k: npz[k] for k in npz.files}
+        with np.load(context.reference_path, allow_pickle=False) as npz:
+            reference = {k: npz[k] for k in npz.files}
+        tol, keep = context.tolerance, 1.0 - self.config.margin
+        target = Tolerance(
+            atol=tol.atol * keep,
+            rtol=tol.rtol * keep,
+            min_cosine=1.0 - (1.0 - tol.min_cosine) * keep,
+        )
+        gate = _Gate(signature, data, reference, target)
+        build = self._builder(data)
+        nodes = [n.name for n in model.graph.node if n.op_type in self.config.op_types and n.name]
+
+        with tempfile.TemporaryDirectory(prefix="bladeflow-mp-") as tmp:
+            work = Path(tmp)
+            tries = 0
+
+            def attempt(excluded: Sequence[str], only: Sequence[str] | None = None) -> Path:
+                nonlocal tries
+                tries += 1
+                path = work / f"try{tries:03d}.onnx"
+                build(source, path, excluded, only)
+                return path
+
+            full = attempt([])
+            report, outputs = gate.check(full)
+            best: tuple[tuple[int, float], Path, list[str], bool] = (
+                badness(report),
+                full,
+                [],
+                report.passed,
+            )
+            ranking: list[tuple[float, str]] = []
+            if not report.passed and nodes:
+                # Rank on the samples the full attempt got worst: that is where the error is.
+                cos = per_sample_cosine(outputs, reference)
+                worst = np.argsort(cos)[: self.config.probe_samples]
+                probe = gate.subset(worst)
+                if self.config.sensitivity == "measured":
+                    for node in nodes:
+                        if time.monotonic() > deadline:
+                            break
+                        rep, _ = probe.check(attempt([], only=[node]))
+                        ranking.append((badness(rep)[1] + badness(rep)[0], node))
+                else:
+                    ranking = activation_ranking(model, nodes, probe.data, work)
+                measured = {n for _, n in ranking}
+                order = [n for _, n in sorted(ranking, reverse=True)]
+                order += [n for n in nodes if n not in measured]
+                best = self._search(order, attempt, gate, deadline, best)
+            _, path, excluded, passed = best
+            shutil.copyfile(path, output)
+        self._details = {
+            "precision": self.config.precision,
+            "passed_gate": passed,
+            "target_tolerance": target.model_dump(),
+            "fp32_nodes": excluded,
+            "candidate_nodes": len(nodes),
+            "sensitivity_top": [n for _, n in sorted(ranking, reverse=True)[:10]],
+            "evaluations": gate.evaluations,
+            "elapsed_s": round(time.monotonic() - started, 2),
+            "budget_exhausted": time.monotonic() > deadline,
+        }
+
+    def _search(
+        self,
+        order: list[str],
+        attempt: Callable[..., Path],
+        gate: _Gate,
+        deadline: float,
+        best: tuple[tuple[int, float], Path, list[str], bool],
+    ) -> tuple[tuple[int, float], Path, list[str], bool]:
+        """Smallest prefix of ``order`` kept in fp32 that passes: doubling, then bisection."""
+        limit = max(1, int(len(order) * self.config.max_fp32_fraction))
+        tried: dict[int, bool] = {}
+
+        def check(k: int) -> bool:
+            nonlocal best
+            if k in tried:
+                return tried[k]
+            excluded = order[:k]
+            path = attempt(excluded)
+            report, _ = gate.check(path)
+            tried[k] = report.passed
+            score = badness(report)
+            if (report.passed and (not best[3] or k < len(best[2]))) or (
+                not best[3] and score < best[0]
+            ):
+                best = (score, path, excluded, report.passed)
+            return report.passed
+
+        lo, hi, k = 0, None, 1
+        while k <= limit and time.monotonic() < deadline:
+            if check(k):
+                hi = k
+                break
+            lo = k
+            k = min(k * 2, limit) if k < limit else limit + 1
+        while hi is not None and hi - lo > 1 and time.monotonic() < deadline:
+            mid = (lo + hi) // 2
+            if check(mid):
+                hi = mid
+            else:
+                lo = mid
+        return best
+
+    def _builder(self, data: Dataset) -> Builder:
+        precision, quant = self.config.precision, self.config.quant
+        if precision == "int8_dynamic":
+            qd = QuantizeDynamicConfig(**quant)
+            return lambda s, o, ex, only: quantize_dynamic_file(s, o, qd, ex, only)
+        if precision == "int8_static":
+            qs = QuantizeStaticConfig(**quant)
+            calib = {k: v[: qs.calibration_samples] for k, v in data.items()}
+            return lambda s, o, ex, only: quantize_static_file(s, o, qs, calib, ex, only)
+        f16 = Float16Config(**quant)
+
+        def fp16(source: Path, output: Path, ex: Sequence[str], only: Sequence[str] | None) -> None:
+            model = onnx.load(str(source))
+            keep = set(ex)
+            if only is not None:
+                keep |= {n.name for n in model.graph.node if n.name not in set(only)}
+            cfg = f16.model_copy(update={"node_block_list": sorted(keep)})
+            onnx.save(to_float16(model, cfg), str(output))
+
+        return fp16
+
+    def details(self) -> dict[str, Any]:
+        return self._details

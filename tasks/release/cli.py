@@ -1,0 +1,183 @@
+"""``bladeflow release ...``: plain functions the main CLI registers as a sub-app.
+
+Wiring (bladeflow/cli.py)::
+
+    from tasks.release import cli as release_cli
+    release_app = typer.Typer(name="release", help="Staged gray release.", no_args_is_help=True)
+    for fn in (release_cli.start, release_cli.status, release_cli.promote, release_cli.rollback):
+        release_app.command()(fn)
+    app.add_typer(release_app)
+
+Exit codes: 0 done; 2 bad input (unknown model/version, not validated, bad plan); 3 rolled back
+(a gate failed or approval was refused; the champion kept serving); 4 MLflow unusable; 5 another
+release of the model is in progress.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from bladeflow.errors import BladeflowError
+from bladeflow.settings import Settings
+
+HOME = typer.Option(
+    None, "--home", envvar="BLADEFLOW_HOME", help="Data folder [default: ./.bladeflow]."
+)
+TRACKING = typer.Option(
+    None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI."
+)
+ACTOR = typer.Option(
+    None, "--actor", envvar="BLADEFLOW_ACTOR", help="Who does this (recorded) [default: $USER]."
+)
+
+
+def _settings(home: Path | None, tracking_uri: str | None) -> Settings:
+    settings = Settings.from_env(home=home, tracking_uri=tracking_uri)
+    settings.apply()
+    return settings
+
+
+def _fail(exc: BladeflowError) -> typer.Exit:
+    kind = {2: "bad input", 3: "rolled back", 5: "busy"}.get(exc.exit_code, "error")
+    typer.echo(f"bladeflow: {kind}: {exc}", err=True)
+    return typer.Exit(exc.exit_code)
+
+
+def start(
+    name: str = typer.Argument(..., help="Registered model name."),
+    version: str = typer.Argument(..., help="Version to release (must be validated)."),
+    plan: str = typer.Option(
+        "default", "--plan", help="Preset (default, fast) or a .json/.yaml ReleasePlan file."
+    ),
+    approval: bool = typer.Option(
+        False, "--approval", help="Pause before the last stage until approved in the Prefect UI."
+    ),
+    endpoint: list[str] = typer.Option(
+        [],
+        "--endpoint",
+        "-e",
+        help="Serving base URL to scrape (repeat per replica) [default: $BLADEFLOW_SERVING_URLS "
+        "or http://127.0.0.1:8080].",
+    ),
+    actor: str | None = ACTOR,
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    home: Path | None = HOME,
+    tracking_uri: str | None = TRACKING,
+) -> None:
+    """Release VERSION of NAME stage by stage (shadow, 5%, 25%, 50%, 100%), gated by metrics.
+
+    Re-running it after a crash resumes the interrupted release (same version) or rolls it back
+    (other version) once its lease has expired.
+    """
+    from pydantic import ValidationError
+
+    from tasks.release.engine import ReleaseParams
+    from tasks.release.plan import load_plan
+
+    settings = _settings(home, tracking_uri)
+    try:
+        extra: dict[str, Any] = {"endpoints": endpoint} if endpoint else {}
+        try:
+            params = ReleaseParams(
+                name=name,
+                version=version,
+                plan=load_plan(plan),
+                approval=approval,
+                actor=actor,
+                tracking_uri=settings.tracking_uri,
+                **extra,
+            )
+        except ValidationError as exc:
+            from bladeflow.errors import UserInputError
+
+            raise UserInputError(
+                "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            ) from None
+        from flows.release import release_flow
+
+        typer.echo(
+            f"release: {name} version {version} ({len(params.plan.stages)} stages)", err=True
+        )
+        with contextlib.redirect_stdout(sys.stderr):  # Prefect/MLflow chatter stays off stdout
+            result = release_flow(params)
+    except BladeflowError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        typer.echo(result.model_dump_json(indent=2))
+        return
+    typer.echo(f"{name} version {version}: {result.outcome} ({result.reason})")
+    for s in result.stages:
+        typer.echo(
+            f"  {s.name:<10} weight {s.weight:>3}%  {s.decision:<7} "
+            f"requests {int(s.metrics.get('canary_requests', 0))}  {s.reason}"
+        )
+    typer.echo(f"champion: {result.champion}; MLflow run {result.run_id}")
+
+
+def status(
+    name: str = typer.Argument(..., help="Registered model name."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    home: Path | None = HOME,
+    tracking_uri: str | None = TRACKING,
+) -> None:
+    """Show champion, canary, weights, the lease and the release in progress (read-only)."""
+    from tasks.release.engine import describe
+    from tasks.release.tracking import client
+
+    settings = _settings(home, tracking_uri)
+    try:
+        doc = describe(client(settings), name)
+    except BladeflowError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    typer.echo(
+        f"{name}: {doc['state']}; champion {doc['champion']}, canary {doc['canary']} "
+        f"(weight {doc['canary_weight']}%, shadow {doc['shadow_share']}%), previous champion "
+        f"{doc['previous_champion']}"
+    )
+    if doc["lease"]:
+        typer.echo(f"  lease: {doc['lease']['description']}")
+    if doc.get("next"):
+        typer.echo(f"  next: {doc['next']}")
+
+
+def promote(
+    name: str = typer.Argument(..., help="Registered model name."),
+    actor: str | None = ACTOR,
+    home: Path | None = HOME,
+    tracking_uri: str | None = TRACKING,
+) -> None:
+    """Finish the release in progress now: its canary becomes the champion."""
+    from tasks.release.engine import default_actor, force_promote
+    from tasks.release.tracking import client
+
+    settings = _settings(home, tracking_uri)
+    try:
+        typer.echo(force_promote(client(settings), name, actor or default_actor()))
+    except BladeflowError as exc:
+        raise _fail(exc) from None
+
+
+def rollback(
+    name: str = typer.Argument(..., help="Registered model name."),
+    actor: str | None = ACTOR,
+    home: Path | None = HOME,
+    tracking_uri: str | None = TRACKING,
+) -> None:
+    """Stop the release in progress (canary gets no traffic), else restore the previous champion."""
+    from tasks.release.engine import default_actor, force_rollback
+    from tasks.release.tracking import client
+
+    settings = _settings(home, tracking_uri)
+    try:
+        typer.echo(force_rollback(client(settings), name, actor or default_actor()))
+    except BladeflowError as exc:
+        raise _fail(exc) from None

@@ -1,0 +1,101 @@
+"""Tiny models for the optimization-pass tests, built in code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from tests.models import _save
+
+
+def bert(path: Path, layers: int = 2, seed: int = 0) -> Path:
+    """A 2-layer BERT (hidden 32, 2 heads) exported with TorchScript and eager attention.
+
+    Inputs ``input_ids``/``attention_mask`` [batch, sequence] (int64), output ``last_hidden_state``.
+    """
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=100,
+        attn_implementation="eager",
+    )
+    model = transformers.BertModel(config, add_pooling_layer=False).eval()
+    ids = torch.randint(0, 100, (2, 8))
+    mask = torch.ones_like(ids)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = model
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    with torch.no_grad():
+        torch.onnx.export(
+            Wrapper(),
+            (ids, mask),
+            str(path),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["last_hidden_state"],
+            dynamic_axes={
+                "input_ids": {0: "batch", 1: "sequence"},
+                "attention_mask": {0: "batch", 1: "sequence"},
+                "last_hidden_state": {0: "batch", 1: "sequence"},
+            },
+            opset_version=17,
+            dynamo=False,
+        )
+    return path
+
+
+def sensitive_chain(path: Path, features: int = 16, seed: int = 0) -> Path:
+    """x -> MatMul ``mm_a`` -> Relu -> Mul(outlier) -> MatMul ``mm_b`` -> MatMul ``mm_c`` -> y.
+
+    Feature 0 of ``mm_b``'s input is scaled by 1000 and its weight row by 1e-3, so the fp32 result
+    is ordinary but one int8 scale for the whole activation rounds every other feature to zero:
+    only ``mm_b`` breaks under dynamic quantization; ``mm_a`` and ``mm_c`` quantize well.
+    """
+    rng = np.random.default_rng(seed)
+    wa = rng.standard_normal((features, features)).astype(np.float32) / 4
+    wb = rng.standard_normal((features, features)).astype(np.float32) / 4
+    wc = rng.standard_normal((features, features)).astype(np.float32) / 4
+    scale = np.ones(features, dtype=np.float32)
+    scale[0] = 1000.0
+    wb[0, :] *= 1e-3
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "wa"], ["a"], name="mm_a"),
+            helper.make_node("Relu", ["a"], ["r"], name="relu"),
+            helper.make_node("Mul", ["r", "scale"], ["s"], name="outlier"),
+            helper.make_node("MatMul", ["s", "wb"], ["b"], name="mm_b"),
+            helper.make_node("MatMul", ["b", "wc"], ["y"], name="mm_c"),
+        ],
+        "sensitive",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", features])],
+        initializer=[
+            numpy_helper.from_array(wa, "wa"),
+            numpy_helper.from_array(wb, "wb"),
+            numpy_helper.from_array(wc, "wc"),
+            numpy_helper.from_array(scale, "scale"),
+        ],
+    )
+    return _save(graph, path)
+
+
+def op_counts(path: str | Path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path)).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
