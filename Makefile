@@ -6,14 +6,14 @@ STAMP  := $(VENV)/.installed
 # The CPU wheel of torch lies on these machines' disk; installing it first keeps pip from pulling
 # a multi-GB CUDA build to satisfy the `torch` extra's range.
 TORCH_CPU ?= torch==2.13.0
-EXTRAS ?= dev,torch,tf,demo
+EXTRAS ?= dev,torch,tf,demo,ops
 
 export BLADEFLOW_HOME ?= $(CURDIR)/.bladeflow
 export MLFLOW_DISABLE_TELEMETRY = true
 export DO_NOT_TRACK = 1
 export PREFECT_SERVER_ANALYTICS_ENABLED = false
 
-.PHONY: setup demo test test-slow test-all lint format clean help bench-serve
+.PHONY: setup demo test test-slow test-all lint format clean help bench bench-serve up down
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -47,6 +47,15 @@ lint: setup  ## ruff (lint + format check) and mypy
 format: setup  ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+up: setup  ## start S3 (SeaweedFS), MLflow server, Prefect server + worker; register the deployments
+	$(BIN)/bladeflow up
+
+down:  ## stop exactly what `make up` started
+	$(BIN)/bladeflow down
+
+bench: setup  ## MiniLM optimization bench: PyTorch eager vs ORT vs peer recipes vs bladeflow's choice
+	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.minilm
 
 bench-serve: setup  ## serving load bench: mlflow models serve vs bladeflow serve (batching off/on) vs raw ORT
 	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.serve.run --seconds 3 --rounds 2

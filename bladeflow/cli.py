@@ -7,6 +7,7 @@ exported ``PREFECT_HOME`` and friends: importing Prefect earlier would create ``
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ import typer
 
 from bladeflow.errors import BladeflowError, UserInputError
 from bladeflow.settings import Settings
+from bladeflow.stack import down as stack_down
+from bladeflow.stack import up as stack_up
 from serving.cli import serve
 from tasks.release import cli as release_cli
 
@@ -217,18 +220,28 @@ def demo(
     home: Path | None = HOME_OPTION,
     tracking_uri: str | None = TRACKING_OPTION,
 ) -> None:
-    """Build a demo encoder and its validation data, optimize and register it, print the table."""
-    from bladeflow.demo import DEMO_NAME, build_demo_data, build_demo_model
+    """Optimize the pretrained all-MiniLM-L6-v2 as a semantic matcher (two texts -> similarity)
+    on a few hundred real sentence pairs, register it, and print the latency table."""
+    import os
+
+    from bladeflow.matcher import MATCHER_NAME, MATCHER_SOURCE, build_validation_set, minilm_dir
 
     settings = Settings.from_env(home=home, tracking_uri=tracking_uri)
     settings.apply()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     folder = settings.home / "demo"
-    model = build_demo_model(folder / "encoder.onnx")
-    data = build_demo_data(folder / "validation.npz")
-    _say(f"demo: built {model} and {data}")
     try:
+        minilm_dir()  # exit 2 with the pip hint before any work
+        data = build_validation_set(folder / "validation.npz")
+        _say(
+            f"demo: {MATCHER_SOURCE} (all-MiniLM-L6-v2 as a query/answer matcher); sentence "
+            f"pairs in {data} and {folder / 'pairs.jsonl'}"
+        )
         params = _optimize_params(
-            source=str(model), name=DEMO_NAME, data=str(data), tracking_uri=settings.tracking_uri
+            source=MATCHER_SOURCE,
+            name=MATCHER_NAME,
+            data=str(data),
+            tracking_uri=settings.tracking_uri,
         )
         result = _run_optimize(params)
     except BladeflowError as exc:
@@ -261,6 +274,8 @@ def info(home: Path | None = HOME_OPTION, tracking_uri: str | None = TRACKING_OP
 
 
 app.command(name="serve")(serve)
+app.command(name="up")(stack_up)
+app.command(name="down")(stack_down)
 
 release_app = typer.Typer(
     name="release",
@@ -349,8 +364,29 @@ def _preflight(params: Any) -> None:
             load_npz(params.data, model.signature)
 
 
+class _HideUserErrorTracebacks(logging.Filter):
+    """Prefect logs every failed task with its traceback; for errors the user can fix (bad file,
+    bad data) the one-paragraph message is the whole story."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], BladeflowError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def quiet_user_error_tracebacks() -> None:
+    """Install the filter on the loggers Prefect reports task and flow failures with."""
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _HideUserErrorTracebacks) for f in logger.filters):
+            logger.addFilter(_HideUserErrorTracebacks())
+
+
 def _run_optimize(params: Any) -> Any:
     from flows.optimize import optimize_flow
+
+    quiet_user_error_tracebacks()
 
     _say(
         f"optimize: {params.source} -> registered model {params.name!r} "

@@ -20,6 +20,8 @@ TAG_VALIDATED = "bladeflow.validated"  # "true" only when the accuracy gate pass
 TAG_HARDWARE = "bladeflow.hardware"  # JSON: CPU model, ISA flags, threads, GPUs
 TAG_CANDIDATE = "bladeflow.candidate"  # name of the winning recipe
 TAG_SYNTHETIC = "bladeflow.synthetic_data"  # "true" when accuracy was judged on synthetic inputs
+TAG_OPTIMIZE_PARAMS = "bladeflow.optimize_params"  # JSON of the flow parameters, for re-runs
+TAG_TOOL_VERSIONS = "bladeflow.tool_versions"  # JSON: versions of every tool that made it
 
 # Aliases.
 ALIAS_CANDIDATE = "candidate"  # newest validated version

@@ -32,7 +32,7 @@ from bladeflow.contract import (
     StageStatus,
     Tolerance,
 )
-from bladeflow.environment import hardware
+from bladeflow.environment import hardware, tool_versions
 from bladeflow.errors import AccuracyGateError, BladeflowError, UserInputError
 from bladeflow.report import candidate_rows, candidates_markdown, pareto_plot, summary_markdown
 from bladeflow.settings import Settings
@@ -669,6 +669,8 @@ def _version_tags(
         registry.TAG_HARDWARE: json.dumps(hardware(), sort_keys=True),
         registry.TAG_CANDIDATE: chosen.name,
         registry.TAG_SYNTHETIC: str(data.synthetic).lower(),
+        registry.TAG_OPTIMIZE_PARAMS: params.model_dump_json(exclude={"tracking_uri"})[:5000],
+        registry.TAG_TOOL_VERSIONS: json.dumps(tool_versions(), sort_keys=True),
     }
 
 

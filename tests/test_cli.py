@@ -31,7 +31,7 @@ def _registered(home: Path) -> list[str]:
     db = home / "mlflow.db"
     if not db.exists():
         return []
-    c = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    c = MlflowClient(tracking_uri=f"sqlite:///{db}", registry_uri=f"sqlite:///{db}")
     return [m.name for m in c.search_registered_models()]
 
 

@@ -67,7 +67,29 @@ def test_flow_registers_the_chosen_model_with_schema_tags(
     assert run.data.params["name"] == "mlp-test"
     assert any(k.startswith("latency.source.b1.") for k in run.data.metrics)
     arts = {a.path for a in c.list_artifacts(result.run_id, "reports")}
-    assert {"reports/summary.md", "reports/accuracy.json", "reports/benchmark.json"} <= arts
+    assert {
+        "reports/summary.md",
+        "reports/accuracy.json",
+        "reports/benchmark.json",
+        "reports/pareto.png",
+        "reports/report",
+        "reports/gx",
+    } <= arts
+    report = {a.path for a in c.list_artifacts(result.run_id, "reports/report")}
+    assert {"reports/report/report.md", "reports/report/report.html"} <= report
+    gx = {a.path for a in c.list_artifacts(result.run_id, "reports/gx")}
+    assert "reports/gx/validation-data.json" in gx and any("accuracy-" in p for p in gx)
+    local = mlflow.artifacts.download_artifacts(
+        run_id=result.run_id,
+        artifact_path="reports/report/report.md",
+        tracking_uri=settings.tracking_uri,
+    )
+    text = Path(local).read_text()
+    assert "Latency" in text and f"{result.latency_ms['chosen'][1].p50_ms:.3f}" in text
+    children = c.search_runs(
+        [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{result.run_id}'"
+    )
+    assert {r.data.tags["bladeflow.candidate"] for r in children} >= {"baseline", result.candidate}
     mlflow.set_tracking_uri(settings.tracking_uri)
     pyfunc = mlflow.pyfunc.load_model("models:/mlp-test@candidate")
     x = np.ones((2, 8), np.float32)
@@ -84,7 +106,13 @@ def test_second_run_registers_a_new_version_and_moves_the_alias(
     src = models.token_model(tmp_path / "tok.onnx")
     for _ in range(2):
         result = optimize_flow(
-            OptimizeParams(source=str(src), name="tok", batch_sizes=[2], bench=bench_fast)
+            OptimizeParams(
+                source=str(src),
+                name="tok",
+                batch_sizes=[2],
+                passes="ort_graph:level=extended",
+                bench=bench_fast,
+            )
         )
     assert result.version == "2" and result.synthetic_data
     c = _client(settings)
@@ -115,3 +143,24 @@ def test_gate_failure_registers_nothing_and_records_why(
     assert run.info.status == "FAILED"
     assert run.data.tags["bladeflow.outcome"] == "accuracy_gate_failed"
     assert "samples outside tolerance" in run.data.tags["bladeflow.reason"]
+
+
+def test_intolerant_gate_falls_back_to_the_exact_model(
+    tmp_path: Path, settings: Settings, bench_fast: dict[str, int]
+):
+    # setup: a gate no rewritten graph can meet; the unoptimized model still meets it exactly
+    src = models.mlp(tmp_path / "strict.onnx", features=8)
+    params = OptimizeParams(
+        source=str(src),
+        name="strict",
+        passes="int8_dynamic",
+        tolerance={"atol": 1e-9, "rtol": 0.0, "min_cosine": 0.999},
+        bench=bench_fast,
+    )
+    # execute
+    result = optimize_flow(params)
+    # assert
+    assert result.candidate == "baseline" and result.recipe == []
+    assert result.accuracy["y"].max_abs_error == 0.0
+    mv = _client(settings).get_model_version("strict", result.version)
+    assert mv.tags[registry.TAG_CANDIDATE] == "baseline"

@@ -108,17 +108,18 @@ def convert_source(source: str, workdir: Path, options: ConvertOptions) -> Model
             data = verification_data(signature, options.input_shapes)
             checked = verify_conversion(exported.runner, artifact, data, options.tolerance)
             accuracy = {k: v.model_dump() for k, v in checked.items()}
+        verification = {
+            "runner": exported.runner.name if exported.runner else None,
+            "outputs": accuracy,
+        }
+        # The conversion error travels with the artifact: it ends up in the registered
+        # version's bladeflow.recipe tag, next to the options that produced the model.
+        step = step.model_copy(update={"config": {**step.config, "verification": verification}})
+        artifact = artifact.model_copy(
+            update={"provenance": artifact.provenance.model_copy(update={"step": step})}
+        )
         (final / "convert_config.json").write_text(
-            json.dumps(
-                {
-                    **step.model_dump(mode="json"),
-                    "verification": {
-                        "runner": exported.runner.name if exported.runner else None,
-                        "outputs": accuracy,
-                    },
-                },
-                indent=2,
-            )
+            json.dumps({**step.model_dump(mode="json"), "verification": verification}, indent=2)
         )
         assets = {}
         for name, folder in exported.assets.items():

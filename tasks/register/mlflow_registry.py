@@ -143,8 +143,9 @@ def register(
     from mlflow.exceptions import MlflowException
 
     registry.check_model_name(name)
+    # log_model is fluent-only: it needs the process-wide tracking URI. The registry URI stays
+    # untouched (everything registry-side goes through an explicit client).
     mlflow.set_tracking_uri(settings.tracking_uri)
-    mlflow.set_registry_uri(settings.registry_uri)
     c = client(settings)
 
     workdir = Path(candidate.artifact.path).parent

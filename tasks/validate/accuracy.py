@@ -90,6 +90,10 @@ def _output_accuracy(got: np.ndarray, ref: np.ndarray, tol: Tolerance) -> Output
 
 
 def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    if a.shape[1] == 1 and a.shape[0] > 1:
+        # One number per sample (a score): a per-sample cosine is only its sign. Judge the
+        # direction of the whole column instead, the same value for every sample.
+        return np.full(a.shape[0], _cosine_rows(a.T, b.T)[0])
     na = np.linalg.norm(a, axis=1)
     nb = np.linalg.norm(b, axis=1)
     dot = (a * b).sum(axis=1)

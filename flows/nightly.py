@@ -1,0 +1,424 @@
+"""Nightly re-optimization: re-run the optimize flow for opted-in models when something changed.
+
+A registered model opts in with the model tag ``bladeflow.nightly=true``. For each, the current
+version (alias ``champion``, else ``candidate``) names its source and the MLflow run that recorded
+the optimize parameters. The cache key hashes what can change the result: the source's sha256,
+the search space (preset, passes, resolved recipes, objective, batch sizes, tolerance, data), the
+tool versions and the hardware fingerprint. An unchanged key skips the model. Otherwise the
+optimize flow runs again with the recorded parameters, and the new version is kept only if it
+beats the current one by ``min_speedup`` in an interleaved benchmark on this machine; else it is
+deleted and the ``candidate`` alias goes back. Every run leaves a summary artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from pydantic import BaseModel, Field
+
+from bladeflow import registry
+from bladeflow.contract import BenchmarkReport, ModelArtifact, Provenance, Tolerance
+from bladeflow.environment import hardware_fingerprint, tool_versions
+from bladeflow.errors import AccuracyGateError, BladeflowError
+from bladeflow.hashing import sha256_path
+from bladeflow.settings import Settings
+from flows.optimize import BenchParams, OptimizeParams, optimize_flow, parse_objective
+
+MODEL_TAG_NIGHTLY = "bladeflow.nightly"  # "true": re-optimize nightly
+MODEL_TAG_KEY = "bladeflow.nightly_key"  # cache key of the last completed check
+MODEL_TAG_INPUTS = "bladeflow.nightly_inputs"  # JSON: short hash of each part of the key
+MODEL_TAG_CHECKED = "bladeflow.nightly_checked_at"
+VERSION_TAG_KEY = "bladeflow.nightly_key"  # on versions the nightly run kept
+
+
+class Outcome(StrEnum):
+    SKIPPED = "skipped"
+    IMPROVED = "improved"
+    NOT_IMPROVED = "not_improved"
+    FAILED = "failed"
+
+
+class NightlyParams(BaseModel):
+    """Parameters of the nightly re-optimization (a form in the Prefect UI)."""
+
+    min_speedup: float = Field(
+        1.05,
+        gt=0,
+        description="keep a new version only if current/new latency (or new/current throughput) "
+        "at the objective batch size is at least this",
+    )
+    models: list[str] | None = Field(None, description="only these opted-in models (default all)")
+    force: bool = Field(False, description="re-optimize even when nothing changed")
+    bench: BenchParams | None = Field(None, description="benchmark length (default: recorded)")
+    compare_rounds: int = Field(5, ge=1, description="interleaved rounds of current vs new")
+    release: bool = Field(
+        False, description="start the release deployment for each kept version (when registered)"
+    )
+    release_deployment: str = Field("release/release", description="flow/deployment to start")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI override")
+
+
+class ModelCheck(BaseModel):
+    """What the nightly run did with one model."""
+
+    name: str
+    outcome: Outcome
+    reason: str = ""
+    current_version: str | None = None
+    new_version: str | None = None
+    speedup: float | None = None
+    key: str | None = None
+    released: bool = False
+
+
+class Plan(BaseModel):
+    """What a check needs: the current version, the recorded parameters and today's key."""
+
+    name: str
+    current_version: str
+    candidate_version: str | None
+    params: OptimizeParams
+    key: str
+    inputs: dict[str, str]
+    stored_key: str | None
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@task(name="list-opted-in", retries=2, retry_delay_seconds=[2, 5])
+def list_opted_in(settings: Settings, only: list[str] | None) -> list[str]:
+    c = _client(settings)
+    found = c.search_registered_models(filter_string=f"tags.`{MODEL_TAG_NIGHTLY}` = 'true'")
+    names = sorted(m.name for m in found)
+    return [n for n in names if only is None or n in only]
+
+
+@task(name="plan", task_run_name="plan-{name}", retries=2, retry_delay_seconds=[2, 5])
+def plan_task(settings: Settings, name: str, params: NightlyParams) -> Plan | str:
+    """The plan for ``name``, or the reason it cannot be re-optimized."""
+    c = _client(settings)
+    model = c.get_registered_model(name)
+    current = candidate = None
+    for alias in (registry.ALIAS_CHAMPION, registry.ALIAS_CANDIDATE):
+        version = model.aliases.get(alias)
+        if version is not None and current is None:
+            current = str(version)
+    if model.aliases.get(registry.ALIAS_CANDIDATE) is not None:
+        candidate = str(model.aliases[registry.ALIAS_CANDIDATE])
+    if current is None:
+        return "no champion or candidate version to start from"
+    mv = c.get_model_version(name, current)
+    source = mv.tags.get(registry.TAG_SOURCE)
+    if not source:
+        return f"version {current} has no {registry.TAG_SOURCE} tag"
+    if not Path(source).exists():
+        return f"source {source} of version {current} is not reachable from this worker"
+    if not mv.run_id:
+        return f"version {current} has no MLflow run with its optimize parameters"
+    op = _recorded_params(c.get_run(mv.run_id).data.params, source, name, settings)
+    if params.bench is not None:
+        op = op.model_copy(update={"bench": params.bench})
+    inputs = _key_inputs(op)
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32]
+    return Plan(
+        name=name,
+        current_version=current,
+        candidate_version=candidate,
+        params=op,
+        key=key,
+        inputs=inputs,
+        stored_key=model.tags.get(MODEL_TAG_KEY),
+    )
+
+
+@task(name="compare", task_run_name="compare-{name}")
+def compare_task(
+    settings: Settings,
+    name: str,
+    current: str,
+    new: str,
+    op: OptimizeParams,
+    rounds: int,
+    workdir: Path,
+) -> float:
+    """Benchmark the current and the new version interleaved here; return the speedup of new."""
+    from tasks.benchmark.latency import BenchmarkSettings, benchmark
+    from tasks.validate.prepare import prepare_data, read_data
+
+    kind, batch = parse_objective(op.objective)
+    c = _client(settings)
+    models = {
+        label: _download(settings, c, name, version, workdir / label)
+        for label, version in (("current", current), ("new", new))
+    }
+    data = prepare_data(models["new"][0], op.data, workdir / "data")
+    bench: BenchmarkReport = benchmark(
+        models,
+        read_data(data),
+        [batch],
+        BenchmarkSettings(warmup=op.bench.warmup, rounds=rounds, iterations=op.bench.iterations),
+        progress=get_run_logger().info,
+    )
+    cur = _at(bench, "current", batch)
+    new_stats = _at(bench, "new", batch)
+    if kind == "latency":
+        return cur.p50_ms / new_stats.p50_ms if new_stats.p50_ms else 0.0
+    return new_stats.throughput / cur.throughput if cur.throughput else 0.0
+
+
+@task(name="keep-or-discard", retries=2, retry_delay_seconds=[2, 5])
+def settle_task(settings: Settings, plan: Plan, new: str, keep: bool) -> None:
+    """Tag the kept version, or delete the discarded one and move ``candidate`` back."""
+    c = _client(settings)
+    if keep:
+        c.set_model_version_tag(plan.name, new, VERSION_TAG_KEY, plan.key)
+        return
+    c.delete_model_version(plan.name, new)
+    if plan.candidate_version is not None:
+        c.set_registered_model_alias(plan.name, registry.ALIAS_CANDIDATE, plan.candidate_version)
+
+
+@task(name="record-key", retries=2, retry_delay_seconds=[2, 5])
+def record_key_task(settings: Settings, plan: Plan) -> None:
+    c = _client(settings)
+    c.set_registered_model_tag(plan.name, MODEL_TAG_KEY, plan.key)
+    c.set_registered_model_tag(plan.name, MODEL_TAG_INPUTS, json.dumps(plan.inputs)[:5000])
+    c.set_registered_model_tag(
+        plan.name, MODEL_TAG_CHECKED, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@flow(name="nightly-reoptimize")
+def nightly_flow(params: NightlyParams | None = None) -> list[ModelCheck]:
+    """Re-optimize every opted-in model whose inputs changed; keep only real improvements."""
+    params = params or NightlyParams()
+    settings = Settings.from_env().with_tracking_uri(params.tracking_uri)
+    checks: list[ModelCheck] = []
+    errors: list[str] = []
+    for name in list_opted_in(settings, params.models):
+        try:
+            checks.append(check_model(settings, name, params))
+        except Exception as exc:  # noqa: BLE001 - recorded, reported and re-raised below
+            get_run_logger().exception("nightly: %s failed", name)
+            errors.append(name)
+            checks.append(
+                ModelCheck(name=name, outcome=Outcome.FAILED, reason=f"{type(exc).__name__}: {exc}")
+            )
+    create_markdown_artifact(
+        summary_markdown(checks), key="nightly-reoptimize", description="nightly re-optimization"
+    )
+    if errors:  # the other models were still checked; the run itself must show the failure
+        raise NightlyError(f"nightly re-optimization failed for {', '.join(errors)} (see summary)")
+    return checks
+
+
+class NightlyError(BladeflowError):
+    """One or more models could not be checked because of an error (not a verdict)."""
+
+
+def check_model(settings: Settings, name: str, params: NightlyParams) -> ModelCheck:
+    """One model: plan, skip or re-optimize, compare, keep or discard, record the key.
+
+    Models are checked one after another on purpose: benchmarks must not share the cores.
+    """
+    logger = get_run_logger()
+    plan = plan_task(settings, name, params)
+    if isinstance(plan, str):
+        return ModelCheck(name=name, outcome=Outcome.FAILED, reason=plan)
+    base = {"name": name, "current_version": plan.current_version, "key": plan.key}
+    if plan.stored_key == plan.key and not params.force:
+        return ModelCheck(**base, outcome=Outcome.SKIPPED, reason="nothing changed")
+    changed = _changed(plan)
+    logger.info("nightly: re-optimizing %s (changed: %s)", name, changed)
+    try:
+        result = optimize_flow(plan.params)
+    except AccuracyGateError as exc:
+        record_key_task(settings, plan)  # deterministic: same inputs fail the same way
+        return ModelCheck(**base, outcome=Outcome.FAILED, reason=f"accuracy gate: {exc}")
+    except BladeflowError as exc:
+        return ModelCheck(**base, outcome=Outcome.FAILED, reason=str(exc))
+    workdir = settings.workdir / f"nightly-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        speedup = compare_task(
+            settings,
+            name,
+            plan.current_version,
+            result.version,
+            plan.params,
+            params.compare_rounds,
+            workdir,
+        )
+    except BaseException:
+        settle_task(settings, plan, result.version, keep=False)  # never leave it half-judged
+        raise
+    keep = speedup >= params.min_speedup
+    settle_task(settings, plan, result.version, keep)
+    record_key_task(settings, plan)
+    check = ModelCheck(
+        **base,
+        outcome=Outcome.IMPROVED if keep else Outcome.NOT_IMPROVED,
+        new_version=result.version if keep else None,
+        speedup=round(speedup, 3),
+        reason=f"changed: {changed}; x{speedup:.2f} vs v{plan.current_version} "
+        f"({'>=' if keep else '<'} {params.min_speedup})",
+    )
+    if keep and params.release:
+        check.released = _release(params.release_deployment, name, result.version)
+    return check
+
+
+def summary_markdown(checks: list[ModelCheck]) -> str:
+    """The summary artifact: one row per model."""
+    counts = {o: sum(c.outcome == o for c in checks) for o in Outcome}
+    lines = [
+        "# Nightly re-optimization",
+        "",
+        f"checked {len(checks)}: " + ", ".join(f"{o.value} {n}" for o, n in counts.items()),
+        "",
+        "| model | outcome | current | new | speedup | released | reason |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in checks:
+        lines.append(
+            f"| {c.name} | {c.outcome.value} | {c.current_version or ''} | {c.new_version or ''} "
+            f"| {'' if c.speedup is None else f'x{c.speedup:.2f}'} | {'yes' if c.released else ''} "
+            f"| {c.reason.replace('|', '/')[:300]} |"
+        )
+    if not checks:
+        lines.append(f"| (none) | | | | | | no model has tag {MODEL_TAG_NIGHTLY}=true |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _client(settings: Settings) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.registry_uri)
+
+
+def _recorded_params(
+    run_params: dict[str, str], source: str, name: str, settings: Settings
+) -> OptimizeParams:
+    """Rebuild the optimize parameters from the values the optimize flow logged to its run."""
+
+    def value(key: str) -> Any:
+        raw = run_params.get(key)
+        if raw is None:
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return raw  # strings are logged as they are
+
+    tolerance = {
+        k.removeprefix("tolerance."): value(k) for k in run_params if k.startswith("tolerance.")
+    }
+    fields: dict[str, Any] = {
+        "source": source,
+        "name": name,
+        "data": run_params.get("data") if run_params.get("data") not in (None, "null") else None,
+        "format": value("format"),
+        "preset": run_params.get("preset") or "cpu",
+        "passes": value("passes"),
+        "objective": run_params.get("objective") or "latency@1",
+        "tracking_uri": settings.tracking_uri,
+    }
+    if isinstance(value("batch_sizes"), list):
+        fields["batch_sizes"] = value("batch_sizes")
+    if tolerance:
+        fields["tolerance"] = Tolerance(**tolerance)
+    return OptimizeParams(**{k: v for k, v in fields.items() if v is not None})
+
+
+def _key_inputs(op: OptimizeParams) -> dict[str, str]:
+    """Short hashes of each part of the cache key, so the summary can say what changed."""
+    from tasks.optimize.recipes import resolve_recipes
+
+    def digest(obj: Any) -> str:
+        blob = json.dumps(obj, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    search = {
+        "preset": op.preset,
+        "passes": op.passes,
+        "recipes": [r.model_dump(mode="json") for r in resolve_recipes(op.preset, op.passes)],
+        "objective": op.objective,
+        "batch_sizes": op.batch_sizes,
+        "tolerance": op.tolerance.model_dump(mode="json"),
+        "data": sha256_path(op.data) if op.data and Path(op.data).exists() else op.data,
+    }
+    return {
+        "source_sha256": sha256_path(op.source)[:12],
+        "search_space": digest(search),
+        "tool_versions": digest(tool_versions()),
+        "hardware": hardware_fingerprint()[:12],
+    }
+
+
+def _changed(plan: Plan) -> str:
+    if plan.stored_key is None:
+        return "first nightly check"
+    return "inputs differ from the last check (see tag " + MODEL_TAG_INPUTS + ")"
+
+
+def _download(
+    settings: Settings, c: Any, name: str, version: str, folder: Path
+) -> tuple[ModelArtifact, Any]:
+    import mlflow.artifacts
+    import onnx
+
+    from tasks.convert.onnx_source import signature_of
+
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            # Not models:/...: that would resolve through the process-wide registry URI.
+            artifact_uri=c.get_model_version_download_uri(name, version),
+            dst_path=str(folder),
+            tracking_uri=settings.tracking_uri,
+        )
+    )
+    path = local / "model.onnx"
+    mv = c.get_model_version(name, version)
+    session = registry.session_from_recipe(mv.tags.get(registry.TAG_RECIPE, "[]"))
+    artifact = ModelArtifact(
+        path=str(path),
+        format="onnx",
+        sha256=sha256_path(path),
+        size_bytes=path.stat().st_size,
+        signature=signature_of(onnx.load(str(path), load_external_data=False)),
+        provenance=Provenance(source=f"models:/{name}/{version}"),
+    )
+    return artifact, session
+
+
+def _at(bench: BenchmarkReport, label: str, batch: int) -> Any:
+    per = bench.models[label]
+    return per.get(batch) or per[min(per)]
+
+
+def _release(deployment: str, name: str, version: str) -> bool:
+    """Start the release deployment for ``name`` ``version``; False when it is not registered."""
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        run_deployment(
+            deployment, parameters={"name": name, "version": version}, timeout=0, as_subflow=True
+        )
+    except ObjectNotFound:
+        get_run_logger().warning("release deployment %r is not registered", deployment)
+        return False
+    return True

@@ -1,0 +1,121 @@
+"""Nightly re-optimization: skips when nothing changed, keeps only real improvements."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from bladeflow import registry
+from bladeflow.settings import Settings
+from flows.nightly import (
+    MODEL_TAG_KEY,
+    MODEL_TAG_NIGHTLY,
+    VERSION_TAG_KEY,
+    ModelCheck,
+    NightlyParams,
+    Outcome,
+    nightly_flow,
+    summary_markdown,
+)
+from flows.optimize import OptimizeParams, optimize_flow
+from tests import models
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def _optimize(name: str, src: Path, data: Path, bench: dict[str, int]) -> str:
+    params = OptimizeParams(
+        source=str(src),
+        name=name,
+        data=str(data),
+        batch_sizes=[1],
+        passes="ort_graph:level=all",
+        bench=bench,
+    )
+    return optimize_flow(params).version
+
+
+def _versions(c: MlflowClient, name: str) -> list[str]:
+    return sorted(str(v.version) for v in c.search_model_versions(f"name='{name}'"))
+
+
+def test_second_nightly_run_skips_and_a_slower_rerun_is_not_registered(
+    settings: Settings, mlp_model: tuple[Path, Path], bench_fast: dict[str, int]
+):
+    # setup: v1 registered and opted in; an unreachable margin, so the re-run cannot win
+    src, data = mlp_model
+    c = MlflowClient(settings.tracking_uri, settings.registry_uri)
+    assert _optimize("mlp-nightly", src, data, bench_fast) == "1"
+    c.set_registered_model_tag("mlp-nightly", MODEL_TAG_NIGHTLY, "true")
+    c.create_registered_model("not-opted-in")
+    params = NightlyParams(min_speedup=1000.0, bench=bench_fast, compare_rounds=2)
+    # execute
+    first = nightly_flow(params)
+    second = nightly_flow(params)
+    # assert: first run re-optimized, judged, discarded; the registry is as before
+    assert [c_.name for c_ in first] == ["mlp-nightly"]
+    assert first[0].outcome == Outcome.NOT_IMPROVED and first[0].speedup is not None
+    assert first[0].speedup < 1000.0 and first[0].new_version is None
+    assert _versions(c, "mlp-nightly") == ["1"]
+    assert str(c.get_model_version_by_alias("mlp-nightly", registry.ALIAS_CANDIDATE).version) == "1"
+    key = c.get_registered_model("mlp-nightly").tags[MODEL_TAG_KEY]
+    assert key == first[0].key and len(key) == 32
+    # assert: the second run skipped it because nothing changed
+    assert second[0].outcome == Outcome.SKIPPED and second[0].reason == "nothing changed"
+    assert second[0].key == key
+    assert _versions(c, "mlp-nightly") == ["1"]
+
+
+def test_unreachable_source_is_reported_not_reoptimized(settings: Settings, tmp_path: Path):
+    # setup: an opted-in model whose current version's source file has gone away
+    c = MlflowClient(settings.tracking_uri, settings.registry_uri)
+    c.create_registered_model("mlp-gone", tags={MODEL_TAG_NIGHTLY: "true"})
+    gone = tmp_path / "deleted.onnx"
+    c.create_model_version("mlp-gone", source=str(tmp_path), tags={registry.TAG_SOURCE: str(gone)})
+    c.set_registered_model_alias("mlp-gone", registry.ALIAS_CANDIDATE, "1")
+    # execute
+    checks = nightly_flow(NightlyParams(models=["mlp-gone"]))
+    # assert
+    assert checks[0].outcome == Outcome.FAILED
+    assert "is not reachable from this worker" in checks[0].reason
+    assert _versions(c, "mlp-gone") == ["1"]
+    assert MODEL_TAG_KEY not in c.get_registered_model("mlp-gone").tags
+
+
+@pytest.mark.slow
+def test_changed_source_is_reoptimized_and_a_faster_version_is_kept(
+    settings: Settings, mlp_model: tuple[Path, Path], bench_fast: dict[str, int]
+):
+    # setup: last night's key is recorded, then the source file changes (retrained weights)
+    src, data = mlp_model
+    c = MlflowClient(settings.tracking_uri, settings.registry_uri)
+    _optimize("mlp-kept", src, data, bench_fast)
+    c.set_registered_model_tag("mlp-kept", MODEL_TAG_NIGHTLY, "true")
+    lenient = NightlyParams(min_speedup=0.01, bench=bench_fast, compare_rounds=2)
+    nightly_flow(lenient)  # records the key (and keeps v2: any speed beats 0.01)
+    models.mlp(src, features=8, seed=7)
+    # execute
+    checks = nightly_flow(lenient)
+    # assert
+    assert checks[0].outcome == Outcome.IMPROVED and checks[0].new_version == "3"
+    assert _versions(c, "mlp-kept") == ["1", "2", "3"]
+    assert c.get_model_version("mlp-kept", "3").tags[VERSION_TAG_KEY] == checks[0].key
+    assert str(c.get_model_version_by_alias("mlp-kept", registry.ALIAS_CANDIDATE).version) == "3"
+
+
+def test_summary_lists_every_outcome():
+    # setup
+    checks = [
+        ModelCheck(name="a", outcome=Outcome.SKIPPED, reason="nothing changed"),
+        ModelCheck(name="b", outcome=Outcome.IMPROVED, new_version="4", speedup=1.3),
+        ModelCheck(name="c", outcome=Outcome.FAILED, reason="source x | y missing"),
+    ]
+    # execute
+    md = summary_markdown(checks)
+    # assert
+    assert "checked 3: skipped 1, improved 1, not_improved 0, failed 1" in md
+    assert "| b | improved |  | 4 | x1.30 |" in md
+    assert "source x / y missing" in md
+    assert MODEL_TAG_NIGHTLY in summary_markdown([])
