@@ -7,6 +7,7 @@ small typed objects (paths, configs, metrics), never model bytes.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -322,6 +323,9 @@ def optimize_flow(params: OptimizeParams) -> OptimizeResult:
         prepared = prepare_data_task(model, params, run_dir)
     data = prepared.data
     policy = params.policy or policy_from_tolerance(params.tolerance)
+    (reports_dir / "gx").mkdir(exist_ok=True)
+    for check in prepared.checks:  # the data checks' GX results go to MLflow with the report
+        shutil.copy(check, reports_dir / "gx" / Path(check).name)
     plan = plan_recipes(params.preset, params.passes)
     recipes = plan.recipes
 

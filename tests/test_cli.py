@@ -19,7 +19,8 @@ BIN = [sys.executable, "-m", "bladeflow.cli"]
 def _run(args: list[str], home: Path, timeout: int = 300) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "BLADEFLOW_HOME": str(home)}
     env.pop("PREFECT_HOME", None)  # the CLI puts Prefect's state under BLADEFLOW_HOME
-    env.pop("PREFECT_API_URL", None)
+    for leaked in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        env.pop(leaked, None)  # the CLI must resolve everything from BLADEFLOW_HOME
     return subprocess.run(
         [*BIN, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=home.parent
     )
@@ -66,7 +67,7 @@ def _garbage_onnx(d: Path) -> Path:
     [
         (_missing, "does not exist"),
         (_empty, "empty"),
-        (_pickle_named_pt, "cannot tell"),
+        (_pickle_named_pt, "is a Python pickle, not TorchScript"),
         (_garbage_onnx, "not a readable ONNX model|fails the ONNX checker|no graph"),
     ],
 )
