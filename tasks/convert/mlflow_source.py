@@ -9,6 +9,7 @@ tensorflow/keras -> keras or tf_savedmodel; transformers -> huggingface. Pickle-
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -74,6 +75,7 @@ def resolve(local: Path, uri: str) -> tuple[str, Path, str]:
 
         for cfg in sorted(local.rglob("config.json")):
             if is_hf_folder(cfg.parent):
+                _add_logged_tokenizer(local / "components" / "tokenizer", cfg.parent)
                 return "huggingface", cfg.parent, "transformers"
         raise ModelFileError(
             f"{uri} is a transformers model without local weights (a reference to the Hub?); "
@@ -91,6 +93,17 @@ def resolve(local: Path, uri: str) -> tuple[str, Path, str]:
         f"{uri} has flavor(s) {sorted(flavors)}; bladeflow converts MLflow models of flavor "
         "onnx, pytorch (pt2), sklearn (skops), keras/tensorflow and transformers"
     )
+
+
+def _add_logged_tokenizer(components: Path, model_dir: Path) -> None:
+    """Copy the tokenizer MLflow logs apart (components/tokenizer) beside the weights, so the
+    Hugging Face converter loads it and keeps it as the tokenizer asset. Files already in the
+    model folder win; only the downloaded scratch copy is changed."""
+    if not components.is_dir():
+        return
+    for item in sorted(components.iterdir()):
+        if item.is_file() and not (model_dir / item.name).exists():
+            shutil.copy2(item, model_dir / item.name)
 
 
 def _pickle_refusal(uri: str, flavor: str, how: str) -> ModelFileError:
