@@ -15,6 +15,7 @@ the process groups ``up`` recorded there.
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import shutil
 import subprocess
@@ -241,7 +242,8 @@ def start_stack(cfg: StackConfig) -> dict[str, float]:
     log = _echo
     env = service_env(cfg)
     svc = services(cfg, env)
-    (cfg.state_dir / "s3-data").mkdir(parents=True, exist_ok=True)
+    if cfg.s3:
+        (cfg.state_dir / "s3-data").mkdir(parents=True, exist_ok=True)
     (cfg.home / "artifacts").mkdir(parents=True, exist_ok=True)
     already = {n for n in svc if _running(cfg, n)}
     timings: dict[str, float] = {}
@@ -295,11 +297,22 @@ def stop_stack(cfg: StackConfig, grace_s: float = 30.0) -> dict[str, str]:
 def stack_status(cfg: StackConfig) -> dict[str, dict[str, object]]:
     """For each service: running (recorded process alive), healthy (answers now), url, pid."""
     out: dict[str, dict[str, object]] = {}
-    svc = services(cfg, {})
+    recs = {n: proc.Record.load(proc.record_path(cfg.run_dir, n)) for n in SERVICES}
+    # Probe the ports `up` recorded, not the defaults: `up --status` needs no port flags.
+    ports = {n: r.port for n, r in recs.items() if r is not None and r.port}
+    recorded = dataclasses.replace(
+        cfg,
+        s3=True,
+        s3_port=ports.get("s3", cfg.s3_port),
+        mlflow_port=ports.get("mlflow", cfg.mlflow_port),
+        prefect_port=ports.get("prefect", cfg.prefect_port),
+    )
+    svc = services(recorded, {})
     for name in SERVICES:
-        rec = proc.Record.load(proc.record_path(cfg.run_dir, name))
+        rec = recs[name]
         alive = bool(rec and proc.is_alive(rec))
-        healthy = alive and name in svc and proc.probe(svc[name].health_url, svc[name].ready)
+        health_url = rec.url if name == "worker" and rec else svc[name].health_url
+        healthy = alive and proc.probe(health_url, svc[name].ready)
         out[name] = {
             "running": alive,
             "healthy": healthy,
