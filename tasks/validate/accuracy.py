@@ -77,7 +77,7 @@ def _output_accuracy(got: np.ndarray, ref: np.ndarray, tol: Tolerance) -> Output
     # Relative error only where |source| is above atol: near zero it measures nothing.
     significant = np.abs(b2) > max(tol.atol, 1e-12)
     rel = np.where(significant, diff / np.where(significant, np.abs(b2), 1.0), 0.0)
-    cos = _cosine_rows(np.nan_to_num(a2), np.nan_to_num(b2))
+    cos = cosine_rows(np.nan_to_num(a2), np.nan_to_num(b2))
     ok = element_ok & (cos >= tol.min_cosine)
     return OutputAccuracy(
         max_abs_error=float(diff.max()) if diff.size else 0.0,
@@ -89,11 +89,12 @@ def _output_accuracy(got: np.ndarray, ref: np.ndarray, tol: Tolerance) -> Output
     )
 
 
-def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of ``a`` with the same row of ``b`` (zero rows handled)."""
     if a.shape[1] == 1 and a.shape[0] > 1:
         # One number per sample (a score): a per-sample cosine is only its sign. Judge the
         # direction of the whole column instead, the same value for every sample.
-        return np.full(a.shape[0], _cosine_rows(a.T, b.T)[0])
+        return np.full(a.shape[0], cosine_rows(a.T, b.T)[0])
     na = np.linalg.norm(a, axis=1)
     nb = np.linalg.norm(b, axis=1)
     dot = (a * b).sum(axis=1)

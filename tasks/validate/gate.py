@@ -24,7 +24,7 @@ from bladeflow.contract import (
     SessionConfig,
 )
 from bladeflow.hashing import sha256_path
-from tasks.validate.accuracy import REFERENCE_SESSION, predict
+from tasks.validate.accuracy import REFERENCE_SESSION, cosine_rows, predict
 from tasks.validate.data import Dataset
 from tasks.validate.gx import Check, SuiteResult, run_checks
 from tasks.validate.metrics import MetricComparison, compare_metric
@@ -89,7 +89,7 @@ def error_table(
         columns[f"{name}.max_abs_error"] = _finite(diff.max(axis=1, initial=0.0))
         columns[f"{name}.max_rel_error"] = _finite(rel.max(axis=1, initial=0.0))
         columns[f"{name}.bound_ratio"] = _finite(ratio.max(axis=1, initial=0.0))
-        columns[f"{name}.cosine"] = _cosine_rows(np.nan_to_num(a), np.nan_to_num(b))
+        columns[f"{name}.cosine"] = cosine_rows(np.nan_to_num(a), np.nan_to_num(b))
         if ref.ndim == 2 and ref.shape[1] >= 2 and policy.is_classifier(name):
             k = min(tol.top_k, ref.shape[1])
             top_a = np.argsort(-np.nan_to_num(a, nan=-np.inf), axis=1)[:, :k]
@@ -316,21 +316,6 @@ def _rows(x: np.ndarray) -> np.ndarray:
 
 def _finite(x: np.ndarray) -> np.ndarray:
     return np.nan_to_num(x.astype(np.float64), nan=_HUGE, posinf=_HUGE, neginf=_HUGE)
-
-
-def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    if a.shape[1] == 1 and a.shape[0] > 1:
-        # One number per sample (a score): a per-sample cosine is only its sign. Judge the
-        # direction of the whole column instead, the same value for every sample.
-        return np.full(a.shape[0], _cosine_rows(a.T, b.T)[0])
-    na = np.linalg.norm(a, axis=1)
-    nb = np.linalg.norm(b, axis=1)
-    dot = (a * b).sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        cos = dot / (na * nb)
-    cos = np.where((na == 0) & (nb == 0), 1.0, cos)
-    cos = np.where((na == 0) ^ (nb == 0), 0.0, cos)
-    return np.clip(np.nan_to_num(cos, nan=0.0), -1.0, 1.0)
 
 
 def _safe(name: str) -> str:
