@@ -39,6 +39,11 @@ def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
         if key != "PREFECT_HOME":  # the harness owns Prefect's home for the session
             monkeypatch.setenv(key, value)
     s.home.mkdir(parents=True, exist_ok=True)
+    # MLflow also keeps process-wide URIs that earlier tests (or a server fixture) may have set.
+    import mlflow
+
+    mlflow.set_tracking_uri(s.tracking_uri)
+    mlflow.set_registry_uri(s.registry_uri)
     return s
 
 
