@@ -13,7 +13,7 @@ export MLFLOW_DISABLE_TELEMETRY = true
 export DO_NOT_TRACK = 1
 export PREFECT_SERVER_ANALYTICS_ENABLED = false
 
-.PHONY: setup demo test test-slow test-all lint format clean help bench bench-serve up down
+.PHONY: setup demo test test-slow test-all lint format clean help bench bench-serve up down reliability audit
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -47,6 +47,21 @@ lint: setup  ## ruff (lint + format check) and mypy
 format: setup  ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+RELIABILITY_STAMP := $(VENV)/.reliability
+RELIABILITY_OUT   := $(BLADEFLOW_HOME)/reliability.jsonl
+
+$(RELIABILITY_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS),reliability]"
+	@touch $(RELIABILITY_STAMP)
+
+reliability: $(RELIABILITY_STAMP)  ## faults, overload, fuzzing, soak and security on purpose; prints the table, updates docs/RELIABILITY.md
+	@mkdir -p $(BLADEFLOW_HOME) && rm -f $(RELIABILITY_OUT)
+	-BLADEFLOW_RELIABILITY_REPORT=$(RELIABILITY_OUT) $(BIN)/python -m pytest tests/reliability -m "not gpu" -q
+	$(BIN)/python -m tests.reliability.report $(RELIABILITY_OUT) --doc docs/RELIABILITY.md
+
+audit: $(RELIABILITY_STAMP)  ## known vulnerabilities in the installed dependencies (pip-audit)
+	$(BIN)/pip-audit --progress-spinner off --skip-editable
 
 up: setup  ## start S3 (SeaweedFS), MLflow server, Prefect server + worker; register the deployments
 	$(BIN)/bladeflow up
