@@ -168,6 +168,29 @@ class BenchmarkReport(BaseModel):
         default_factory=dict, description="input shapes at batch 1"
     )
 
+    def slower_than(self, name: str, reference: str, margin: float = 0.05) -> str | None:
+        """Why ``name`` is more than ``margin`` slower than ``reference`` at some batch size.
+
+        None when it is not (or either was not measured). Used so that the chosen model is never
+        slower than the unoptimized one at any batch size the run measured, not only at the
+        objective's: e.g. int8 kernels that win at batch 1 can lose at batch 32.
+        """
+        mine, ref = self.models.get(name, {}), self.models.get(reference, {})
+        worst: tuple[float, int] | None = None
+        for bs, stats in mine.items():
+            base = ref.get(bs)
+            if base is None or base.p50_ms <= 0:
+                continue
+            ratio = stats.p50_ms / base.p50_ms
+            if ratio > 1.0 + margin and (worst is None or ratio > worst[0]):
+                worst = (ratio, bs)
+        if worst is None:
+            return None
+        return (
+            f"{worst[0]:.2f}x the p50 latency of {reference!r} at batch {worst[1]} "
+            f"(more than {margin:.0%} slower)"
+        )
+
 
 class StageStatus(enum.StrEnum):
     OK = "OK"

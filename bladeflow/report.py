@@ -56,6 +56,8 @@ def candidate_rows(
             decision = "chosen: best on the objective among those that passed"
         elif not acc.passed:
             decision = f"rejected: {acc.reason}"
+        elif bench and (why := bench.slower_than(name, "baseline")):
+            decision = f"passed the gate, not eligible: {why}"
         else:
             decision = "passed the gate, slower than the chosen one"
         rows.append(

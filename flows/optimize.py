@@ -41,6 +41,7 @@ from tasks.benchmark.latency import BenchmarkSettings, benchmark
 from tasks.convert.dispatch import ConvertOptions, convert_source, detect, open_source_runner
 from tasks.convert.verify import run_source
 from tasks.optimize.base import PassContext
+from tasks.optimize.quant_static import graph_op_types
 from tasks.optimize.recipes import BASELINE, Recipe, build_candidate, plan_recipes
 from tasks.register import mlflow_registry as reg
 from tasks.validate.accuracy import REFERENCE_SESSION, predict
@@ -326,7 +327,7 @@ def optimize_flow(params: OptimizeParams) -> OptimizeResult:
     (reports_dir / "gx").mkdir(exist_ok=True)
     for check in prepared.checks:  # the data checks' GX results go to MLflow with the report
         shutil.copy(check, reports_dir / "gx" / Path(check).name)
-    plan = plan_recipes(params.preset, params.passes)
+    plan = plan_recipes(params.preset, params.passes, op_types=graph_op_types(model.path))
     recipes = plan.recipes
 
     run_id = start_run_task(
@@ -617,14 +618,20 @@ def _build_all(
 
 
 def _select(passing: list[Candidate], bench: BenchmarkReport, kind: str, batch: int) -> Candidate:
-    """The best candidate on the objective; ties go to the earlier (simpler) recipe."""
+    """The best candidate on the objective; ties go to the earlier (simpler) recipe.
+
+    Candidates more than 5% slower than the unoptimized baseline at any measured batch size are
+    not eligible (the baseline itself always is), so the choice never regresses a batch size the
+    user asked to measure for a win at the objective's.
+    """
 
     def score(c: Candidate) -> float:
         per = bench.models[c.name]
         stats = per.get(batch) or per[min(per)]
         return stats.p50_ms if kind == "latency" else -stats.throughput
 
-    return min(passing, key=score)
+    eligible = [c for c in passing if not bench.slower_than(c.name, BASELINE)]
+    return min(eligible or passing, key=score)
 
 
 def _result(

@@ -6,9 +6,20 @@ import numpy as np
 import onnx
 import pytest
 
-from bladeflow.contract import SessionConfig, Tolerance
+from bladeflow.contract import (
+    AccuracyReport,
+    BenchmarkReport,
+    Candidate,
+    LatencyStats,
+    ModelArtifact,
+    Provenance,
+    SessionConfig,
+    Signature,
+    Tolerance,
+)
 from bladeflow.demo import build_demo_model
 from bladeflow.errors import UserInputError
+from bladeflow.report import candidate_rows
 from tasks.benchmark.latency import BenchmarkSettings, benchmark
 from tasks.convert.onnx_source import load_onnx_source
 from tasks.optimize.base import PASSES, get_pass
@@ -87,3 +98,53 @@ def test_benchmark_interleaves_models_and_skips_impossible_batches(tmp_path: Pat
     assert "fixed at 1" in rep_fixed.skipped_batch_sizes[8]
     assert rep.shapes == {"x": [8]}
     assert np.isfinite(rep.models["a"][1].mean_ms)
+
+
+def _stats(bs: int, p50: float) -> LatencyStats:
+    return LatencyStats(
+        batch_size=bs,
+        p50_ms=p50,
+        p90_ms=p50,
+        p99_ms=p50,
+        mean_ms=p50,
+        throughput=bs * 1000 / p50,
+        iterations=10,
+    )
+
+
+def test_selection_never_takes_a_candidate_slower_than_the_baseline_at_a_measured_batch():
+    # setup: int8 wins at batch 1 and loses 30% at batch 32; fused wins a little at both
+    from flows.optimize import _select
+
+    timings = {BASELINE: (10.0, 100.0), "fused": (9.0, 95.0), "int8": (6.0, 130.0)}
+    bench = BenchmarkReport(
+        models={n: {1: _stats(1, a), 32: _stats(32, b)} for n, (a, b) in timings.items()}
+    )
+    cands = [
+        Candidate(name=n, recipe=[], artifact=_artifact(), session=SessionConfig()) for n in timings
+    ]
+    # execute
+    chosen = _select(cands, bench, "latency", 1)
+    reason = bench.slower_than("int8", BASELINE)
+    # assert
+    assert chosen.name == "fused"
+    assert reason is not None and "1.30x" in reason and "batch 32" in reason
+    assert bench.slower_than("fused", BASELINE) is None
+    passed = {
+        n: AccuracyReport(candidate=n, passed=True, outputs={}, synthetic_data=False)
+        for n in timings
+    }
+    rows = {r["candidate"]: r["decision"] for r in candidate_rows(passed, bench, "fused", 1)}
+    assert rows["int8"].startswith("passed the gate, not eligible: 1.30x")
+    assert rows["fused"].startswith("chosen")
+
+
+def _artifact() -> ModelArtifact:
+    return ModelArtifact(
+        path="m.onnx",
+        format="onnx",
+        sha256="0" * 64,
+        size_bytes=1,
+        signature=Signature(inputs=[], outputs=[]),
+        provenance=Provenance(source="m.onnx"),
+    )

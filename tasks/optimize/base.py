@@ -89,6 +89,10 @@ class OptimizationPass(ABC):
         """None when the pass can run on ``hardware`` (see bladeflow.environment), else why not."""
         return None
 
+    def model_skip_reason(self, op_types: set[str]) -> str | None:
+        """None when the pass has work to do on a graph with these op types, else why not."""
+        return None
+
     @abstractmethod
     def apply(self, source: Path, output: Path) -> None:
         """Read the ONNX model at ``source`` and write the optimized model to ``output``."""

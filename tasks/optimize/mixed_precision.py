@@ -26,7 +26,12 @@ from bladeflow.environment import hardware
 from tasks.optimize.base import OptimizationPass, PassConfig, PassContext, PassNotApplicable
 from tasks.optimize.fp16 import Float16Config, to_float16
 from tasks.optimize.quant_dynamic import QuantizeDynamicConfig, quantize_dynamic_file, resolve
-from tasks.optimize.quant_static import QuantizeStaticConfig, quantize_static_file
+from tasks.optimize.quant_static import (
+    QuantizeStaticConfig,
+    missing_ops,
+    quantize_static_file,
+    require_ops,
+)
 from tasks.validate.accuracy import compare, predict
 from tasks.validate.data import Dataset
 
@@ -39,8 +44,9 @@ class MixedPrecisionConfig(PassConfig):
     precision: Literal["int8_dynamic", "int8_static", "fp16"] = "int8_dynamic"
     # Config of the int8_dynamic / int8_static / fp16 pass.
     quant: dict[str, Any] = Field(default_factory=dict)
-    # Nodes that may be kept in fp32.
-    op_types: list[str] = Field(default_factory=lambda: ["MatMul", "Gemm", "Attention"])
+    # Nodes that may be kept in fp32; empty: the op types the quantizer converts (int8_static:
+    # its op_types, e.g. Conv for CNNs; int8_dynamic: MatMul/Gemm/Attention; fp16: those + Conv).
+    op_types: list[str] = Field(default_factory=list)
     max_fp32_fraction: float = 0.5  # give up (keep the best attempt) beyond this share
     probe_samples: int = 16  # sensitivity is measured on the worst samples of the full attempt
     # activation_range: rank nodes by the peak-to-RMS ratio of their input activation (one fp32
@@ -169,12 +175,28 @@ class MixedPrecision(OptimizationPass):
             resolved = resolve(QuantizeDynamicConfig(**self.config.quant), hardware())
             quant = resolved.model_dump(mode="json")
             self.config = self.config.model_copy(update={"quant": quant})
+        if not self.config.op_types:
+            self.config = self.config.model_copy(update={"op_types": self._default_op_types()})
         self._details: dict[str, Any] = {}
+
+    def _default_op_types(self) -> list[str]:
+        if self.config.precision == "int8_static":
+            return list(QuantizeStaticConfig(**self.config.quant).op_types)
+        if self.config.precision == "fp16":
+            return ["MatMul", "Gemm", "Attention", "Conv"]
+        return ["MatMul", "Gemm", "Attention"]
+
+    def model_skip_reason(self, op_types: set[str]) -> str | None:
+        if self.config.precision == "int8_static":
+            return missing_ops(op_types, QuantizeStaticConfig(**self.config.quant).requires_ops)
+        return None
 
     def apply(self, source: Path, output: Path) -> None:
         self.apply_in_context(source, output, None)
 
     def apply_in_context(self, source: Path, output: Path, context: PassContext | None) -> None:
+        if self.config.precision == "int8_static":
+            require_ops(source, QuantizeStaticConfig(**self.config.quant).requires_ops)
         if context is None:
             raise PassNotApplicable(
                 "accuracy recovery needs validation data, reference outputs and the tolerance: "
@@ -314,3 +336,8 @@ class MixedPrecision(OptimizationPass):
 
     def details(self) -> dict[str, Any]:
         return self._details
+
+    def session_config(self, current: SessionConfig) -> SessionConfig:
+        if self.config.precision == "int8_static":  # QDQ -> QLinear* fusion happens at load
+            return current.model_copy(update={"graph_optimization_level": "all"})
+        return current

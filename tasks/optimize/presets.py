@@ -19,6 +19,12 @@ FUSED = PassRecord(name="transformer_fusion", config={})
 # Spinning off and one thread per physical core: the measured wins on small shared VMs; the
 # untuned variants stay in the search so the gate + benchmark decide, not this comment.
 TUNED = PassRecord(name="session", config={"threads": "cores", "spinning": False})
+# CNNs: static int8 (QDQ, calibrated on the user's data) on Conv/MatMul/Gemm after ORT's basic
+# level folded BatchNorm into Conv. Measured on this 2-core AVX2 CPU, a 6-conv CNN at 96x96:
+# fp32 1.54 ms -> int8 0.95 ms at batch 1, 15.3 -> 9.2 ms at batch 8, min cosine 0.9997.
+# Graphs without Conv skip it (static QDQ on MiniLM's MatMuls dropped cosine to 0.3-0.5).
+CNN_INT8 = {"op_types": ["Conv", "MatMul", "Gemm"], "requires_ops": ["Conv"]}
+BASIC = PassRecord(name="ort_graph", config={"level": "basic"})
 
 
 def _tuned(recipe: Recipe) -> list[Recipe]:
@@ -46,6 +52,21 @@ def cpu(hw: dict[str, Any]) -> list[Recipe]:
             Recipe(
                 name="fused-int8-recovered",
                 passes=[FUSED, PassRecord(name="mixed_precision", config={})],
+            )
+        ),
+        *_tuned(
+            Recipe(name="cnn-int8", passes=[BASIC, PassRecord(name="int8_static", config=CNN_INT8)])
+        ),
+        *_tuned(
+            Recipe(
+                name="cnn-int8-recovered",
+                passes=[
+                    BASIC,
+                    PassRecord(
+                        name="mixed_precision",
+                        config={"precision": "int8_static", "quant": CNN_INT8},
+                    ),
+                ],
             )
         ),
     ]

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 from pydantic import Field
 
+from bladeflow.contract import SessionConfig
 from bladeflow.environment import hardware
 from tasks.optimize.base import OptimizationPass, PassConfig, PassContext, PassNotApplicable
 from tasks.optimize.quant_dynamic import isa_choice
@@ -28,6 +29,29 @@ class QuantizeStaticConfig(PassConfig):
     calibration_batch: int = 8
     percentile: float = 99.999  # for method=Percentile
     nodes_to_exclude: list[str] = Field(default_factory=list)
+    # Skip the pass (SKIPPED with the reason) when the graph has none of these ops, e.g. ["Conv"]
+    # for the CNN recipe: static QDQ pays on convolutions and hurt transformers' accuracy here.
+    requires_ops: list[str] = Field(default_factory=list)
+
+
+def missing_ops(op_types: set[str], wanted: Sequence[str]) -> str | None:
+    """Why a graph with ``op_types`` gives a pass needing one of ``wanted`` nothing to do."""
+    if not wanted or op_types & set(wanted):
+        return None
+    return f"the model has no {'/'.join(wanted)} node, which this recipe quantizes"
+
+
+def graph_op_types(path: str | Path) -> set[str]:
+    """Op types in the ONNX graph at ``path`` (weights are not loaded)."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {node.op_type for node in graph.node}
+
+
+def require_ops(source: Path, wanted: Sequence[str]) -> None:
+    """PassNotApplicable unless the graph at ``source`` has at least one op of ``wanted``."""
+    why = missing_ops(graph_op_types(source), wanted) if wanted else None
+    if why:
+        raise PassNotApplicable(why)
 
 
 class DatasetReader:
@@ -94,6 +118,14 @@ class QuantizeStatic(OptimizationPass):
     def apply(self, source: Path, output: Path) -> None:
         self.apply_in_context(source, output, None)
 
+    def model_skip_reason(self, op_types: set[str]) -> str | None:
+        return missing_ops(op_types, self.config.requires_ops)
+
     def apply_in_context(self, source: Path, output: Path, context: PassContext | None) -> None:
+        require_ops(source, self.config.requires_ops)
         data = calibration_data(context, self.config.calibration_samples)
         quantize_static_file(source, output, self.config, data)
+
+    def session_config(self, current: SessionConfig) -> SessionConfig:
+        # QDQ pairs become QLinearConv/QLinearMatMul only when ORT optimizes the graph at load.
+        return current.model_copy(update={"graph_optimization_level": "all"})

@@ -61,7 +61,8 @@ def parse_passes(spec: str) -> list[Recipe]:
     """Parse ``--passes``: recipes separated by ``,``, passes in a chain by ``+``, options by ``:``.
 
     Example: ``ort_graph:level=all,ort_graph:level=basic`` -> two one-pass recipes;
-    ``transformer_fusion+int8_dynamic:per_channel=true;reduce_range=false`` -> one chain.
+    ``transformer_fusion+int8_dynamic:per_channel=true;reduce_range=false`` -> one chain;
+    lists are joined by ``|``: ``int8_static:op_types=Conv|MatMul;requires_ops=Conv|``.
     """
     recipes = []
     for chunk in filter(None, (c.strip() for c in spec.split(","))):
@@ -87,8 +88,14 @@ def parse_passes(spec: str) -> list[Recipe]:
     return recipes
 
 
-def skip_reason(recipe: Recipe, hw: dict[str, Any] | None = None) -> str | None:
-    """Why ``recipe`` cannot be built on ``hw`` (this machine by default), or None."""
+def skip_reason(
+    recipe: Recipe, hw: dict[str, Any] | None = None, op_types: set[str] | None = None
+) -> str | None:
+    """Why ``recipe`` cannot be built on ``hw`` (this machine by default), or None.
+
+    With ``op_types`` (the model's, see ``graph_op_types``), recipes that have nothing to do on
+    that graph (e.g. the CNN int8 recipe on a model without Conv) are skipped too.
+    """
     hw = hardware() if hw is None else hw
     passes = all_passes()
     for record in recipe.passes:
@@ -98,13 +105,23 @@ def skip_reason(recipe: Recipe, hw: dict[str, Any] | None = None) -> str | None:
         why = cls.applicable(hw)
         if why:
             return f"{record.name}: not applicable here: {why}"
+        if op_types is not None:
+            why = cls(record.config).model_skip_reason(op_types)
+            if why:
+                return f"{record.name}: not applicable to this model: {why}"
     return None
 
 
 def plan_recipes(
-    preset: str = "cpu", passes: str | None = None, hw: dict[str, Any] | None = None
+    preset: str = "cpu",
+    passes: str | None = None,
+    hw: dict[str, Any] | None = None,
+    op_types: set[str] | None = None,
 ) -> RecipePlan:
-    """Baseline first, then ``--passes`` if given, else the preset's; inapplicable ones skipped."""
+    """Baseline first, then ``--passes`` if given, else the preset's; inapplicable ones skipped.
+
+    ``op_types``: the model's op types; recipes with nothing to do on such a graph are skipped.
+    """
     hw = hardware() if hw is None else hw
     if passes:
         chosen = parse_passes(passes)
@@ -119,7 +136,7 @@ def plan_recipes(
     for recipe in chosen:
         if recipe.name == BASELINE:
             continue
-        why = skip_reason(recipe, hw)
+        why = skip_reason(recipe, hw, op_types)
         if why:
             plan.skipped[recipe.name] = why
         else:
@@ -127,9 +144,11 @@ def plan_recipes(
     return plan
 
 
-def resolve_recipes(preset: str = "cpu", passes: str | None = None) -> list[Recipe]:
+def resolve_recipes(
+    preset: str = "cpu", passes: str | None = None, op_types: set[str] | None = None
+) -> list[Recipe]:
     """The recipes to try here: baseline first (see :func:`plan_recipes` for the skipped ones)."""
-    return plan_recipes(preset, passes).recipes
+    return plan_recipes(preset, passes, op_types=op_types).recipes
 
 
 def build_candidate(
@@ -199,6 +218,8 @@ def _folder_lock(folder: Path) -> threading.Lock:
 
 
 def _scalar(value: str) -> object:
+    if "|" in value:  # a list; a trailing '|' makes a one-item list
+        return [_scalar(v.strip()) for v in value.split("|") if v.strip()]
     for cast in (int, float):
         try:
             return cast(value)

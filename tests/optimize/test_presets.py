@@ -10,6 +10,7 @@ from bladeflow.contract import Tolerance
 from bladeflow.environment import hardware
 from tasks.optimize.base import PassNotApplicable
 from tasks.optimize.gpu import TensorrtConfig, profile_shapes, tensorrt_provider_options
+from tasks.optimize.quant_static import graph_op_types
 from tasks.optimize.recipes import (
     BASELINE,
     PRESETS,
@@ -75,7 +76,7 @@ def test_intolerant_gate_leaves_only_the_exact_baseline(tiny_bert: Prepared, tmp
     # setup
     exact = Tolerance(atol=1e-9, rtol=0.0)
     context = tiny_bert.context(exact, budget=30.0)
-    recipes = resolve_recipes("cpu")
+    recipes = resolve_recipes("cpu", op_types=graph_op_types(tiny_bert.model.path))
     # execute
     passing = []
     for recipe in recipes:
@@ -154,3 +155,21 @@ def test_tensorrt_candidate_builds_an_engine_cache(tmp_path: Path):
     # assert
     assert out.shape == (4, 4)
     assert any((Path(cand.artifact.path).parent / "trt_cache").iterdir())
+
+
+def test_cnn_recipes_are_skipped_on_a_graph_without_conv_and_planned_with_one():
+    # execute
+    no_conv = plan_recipes("cpu", hw=NO_GPU, op_types={"MatMul", "Add"})
+    conv = plan_recipes("cpu", hw=NO_GPU, op_types={"Conv", "Relu"})
+    # assert
+    cnn = {"cnn-int8", "cnn-int8-tuned", "cnn-int8-recovered", "cnn-int8-recovered-tuned"}
+    assert cnn <= set(no_conv.skipped)
+    assert all("no Conv node" in no_conv.skipped[n] for n in cnn)
+    assert cnn <= {r.name for r in conv.recipes}
+
+
+def test_passes_option_takes_lists():
+    # execute
+    (recipe,) = parse_passes("int8_static:op_types=Conv|Gemm;requires_ops=Conv|")
+    # assert
+    assert recipe.passes[0].config == {"op_types": ["Conv", "Gemm"], "requires_ops": ["Conv"]}

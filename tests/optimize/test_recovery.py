@@ -7,7 +7,7 @@ import pytest
 
 from bladeflow.contract import Tolerance
 from tasks.optimize.base import PassNotApplicable
-from tasks.optimize.recipes import build_candidate, parse_passes
+from tasks.optimize.recipes import build_candidate, parse_passes, plan_recipes
 from tasks.validate.accuracy import compare, predict
 from tests.optimize import tiny
 from tests.optimize.conftest import prepare
@@ -79,3 +79,24 @@ def test_recovery_needs_a_context(tmp_path: Path):
     # execute / assert
     with pytest.raises(PassNotApplicable, match="validation data"):
         build_candidate(parse_passes("mixed_precision")[0], prepared.model, tmp_path / "c")
+
+
+def test_cnn_static_int8_recovery_keeps_only_the_sensitive_conv_in_fp32(tmp_path: Path):
+    # setup: conv_b's input has one channel 1000x larger than the rest
+    prepared = prepare(tiny.sensitive_cnn(tmp_path / "cnn.onnx"), tmp_path, samples=32)
+    context = prepared.context(GATE)
+    quant = "op_types=Conv|MatMul|Gemm;requires_ops=Conv|"
+    plain = build_candidate(
+        parse_passes(f"int8_static:{quant}")[0], prepared.model, tmp_path / "c", context
+    )
+    # execute: the preset's CNN recovery recipe (op types to keep in fp32 follow the quantizer)
+    recipe = next(r for r in plan_recipes("cpu").recipes if r.name == "cnn-int8-recovered")
+    recovered = build_candidate(recipe, prepared.model, tmp_path / "c", context)
+    # assert
+    assert not _check(prepared, plain, GATE).passed
+    assert _check(prepared, recovered, GATE).passed
+    details = json.loads((Path(recovered.artifact.path).parent / "pass_config.json").read_text())
+    assert details["details"]["fp32_nodes"] == ["conv_b"]
+    assert details["config"]["op_types"] == ["Conv", "MatMul", "Gemm"]
+    assert tiny.op_counts(recovered.artifact.path).get("QuantizeLinear", 0) > 0
+    assert recovered.session.graph_optimization_level == "all"  # QDQ fuses at load

@@ -99,3 +99,40 @@ def op_counts(path: str | Path) -> dict[str, int]:
     for node in onnx.load(str(path)).graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return counts
+
+
+def sensitive_cnn(path: Path, channels: int = 8, seed: int = 0) -> Path:
+    """image -> Conv ``conv_a`` -> Relu -> Mul(outlier) -> Conv ``conv_b`` -> Conv ``conv_c``.
+
+    The CNN analogue of :func:`sensitive_chain`: channel 0 of ``conv_b``'s input is scaled by 1000
+    and its weights by 1e-3, so static int8 on ``conv_b`` rounds every other channel to zero; the
+    other two convolutions quantize well.
+    """
+    rng = np.random.default_rng(seed)
+    shape = (channels, channels, 3, 3)
+    wa = rng.standard_normal((channels, 3, 3, 3)).astype(np.float32) / 4
+    wb = rng.standard_normal(shape).astype(np.float32) / 8
+    wc = rng.standard_normal(shape).astype(np.float32) / 8
+    scale = np.ones((1, channels, 1, 1), dtype=np.float32)
+    scale[0, 0] = 1000.0
+    wb[:, 0] *= 1e-3
+    pad = {"pads": [1, 1, 1, 1]}
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["image", "wa"], ["a"], name="conv_a", **pad),
+            helper.make_node("Relu", ["a"], ["r"], name="relu"),
+            helper.make_node("Mul", ["r", "scale"], ["s"], name="outlier"),
+            helper.make_node("Conv", ["s", "wb"], ["b"], name="conv_b", **pad),
+            helper.make_node("Conv", ["b", "wc"], ["y"], name="conv_c", **pad),
+        ],
+        "sensitive_cnn",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", channels, 16, 16])],
+        initializer=[
+            numpy_helper.from_array(wa, "wa"),
+            numpy_helper.from_array(wb, "wb"),
+            numpy_helper.from_array(wc, "wc"),
+            numpy_helper.from_array(scale, "scale"),
+        ],
+    )
+    return _save(graph, path)

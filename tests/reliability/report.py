@@ -3,7 +3,8 @@
     python -m tests.reliability.report RESULTS.jsonl [--doc docs/RELIABILITY.md]
 
 With ``--doc`` the table between ``<!-- reliability-table:start -->`` and
-``<!-- reliability-table:end -->`` is replaced by this run's table. Exit status 1 when any row failed.
+``<!-- reliability-table:end -->`` is replaced by this run's table.
+Exit status 1 when any row failed.
 """
 
 from __future__ import annotations
