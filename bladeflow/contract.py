@@ -7,7 +7,7 @@ result is cheap to pass through Prefect, easy to log to MLflow and printable as 
 from __future__ import annotations
 
 import enum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -229,3 +229,12 @@ class OptimizeResult(BaseModel):
     source_runtime: str = Field("", description="what ran the source in the benchmark")
     synthetic_data: bool
     stages: list[StageResult]
+    outcome: Literal["registered", "not_improved"] = Field(
+        "registered",
+        description="not_improved: with must_beat, the chosen candidate was not faster than the "
+        "incumbent by min_speedup, so nothing was registered (version and model_uri are empty)",
+    )
+    incumbent_version: str | None = Field(None, description="the version it had to beat")
+    incumbent_speedup: float | None = Field(
+        None, description="incumbent / chosen at the objective (same interleaved benchmark)"
+    )

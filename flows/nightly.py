@@ -5,9 +5,10 @@ version (alias ``champion``, else ``candidate``) names its source and the MLflow
 the optimize parameters. The cache key hashes what can change the result: the source's sha256,
 the search space (preset, passes, resolved recipes, objective, batch sizes, tolerance, data), the
 tool versions and the hardware fingerprint. An unchanged key skips the model. Otherwise the
-optimize flow runs again with the recorded parameters, and the new version is kept only if it
-beats the current one by ``min_speedup`` in an interleaved benchmark on this machine; else it is
-deleted and the ``candidate`` alias goes back. Every run leaves a summary artifact.
+optimize flow runs again with the recorded parameters and ``must_beat`` set to the current
+version: it times the current version in the same interleaved benchmark as the new candidates and
+registers a new version only if it beats the current one by ``min_speedup`` (so nothing is
+registered and then deleted). Every run leaves a summary artifact.
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, Field
 
 from bladeflow import registry
-from bladeflow.contract import BenchmarkReport, ModelArtifact, Provenance, Tolerance
+from bladeflow.contract import Tolerance
 from bladeflow.environment import hardware_fingerprint, tool_versions
 from bladeflow.errors import AccuracyGateError, BladeflowError
 from bladeflow.hashing import sha256_path
 from bladeflow.settings import Settings
-from flows.optimize import BenchParams, OptimizeParams, optimize_flow, parse_objective
+from flows.optimize import BenchParams, OptimizeParams, optimize_flow
 
 MODEL_TAG_NIGHTLY = "bladeflow.nightly"  # "true": re-optimize nightly
 MODEL_TAG_KEY = "bladeflow.nightly_key"  # cache key of the last completed check
@@ -57,7 +58,6 @@ class NightlyParams(BaseModel):
     models: list[str] | None = Field(None, description="only these opted-in models (default all)")
     force: bool = Field(False, description="re-optimize even when nothing changed")
     bench: BenchParams | None = Field(None, description="benchmark length (default: recorded)")
-    compare_rounds: int = Field(5, ge=1, description="interleaved rounds of current vs new")
     release: bool = Field(
         False, description="start the release deployment for each kept version (when registered)"
     )
@@ -139,51 +139,9 @@ def plan_task(settings: Settings, name: str, params: NightlyParams) -> Plan | st
     )
 
 
-@task(name="compare", task_run_name="compare-{name}")
-def compare_task(
-    settings: Settings,
-    name: str,
-    current: str,
-    new: str,
-    op: OptimizeParams,
-    rounds: int,
-    workdir: Path,
-) -> float:
-    """Benchmark the current and the new version interleaved here; return the speedup of new."""
-    from tasks.benchmark.latency import BenchmarkSettings, benchmark
-    from tasks.validate.prepare import prepare_data, read_data
-
-    kind, batch = parse_objective(op.objective)
-    c = _client(settings)
-    models = {
-        label: _download(settings, c, name, version, workdir / label)
-        for label, version in (("current", current), ("new", new))
-    }
-    data = prepare_data(models["new"][0], op.data, workdir / "data")
-    bench: BenchmarkReport = benchmark(
-        models,
-        read_data(data),
-        [batch],
-        BenchmarkSettings(warmup=op.bench.warmup, rounds=rounds, iterations=op.bench.iterations),
-        progress=get_run_logger().info,
-    )
-    cur = _at(bench, "current", batch)
-    new_stats = _at(bench, "new", batch)
-    if kind == "latency":
-        return cur.p50_ms / new_stats.p50_ms if new_stats.p50_ms else 0.0
-    return new_stats.throughput / cur.throughput if cur.throughput else 0.0
-
-
-@task(name="keep-or-discard", retries=2, retry_delay_seconds=[2, 5])
-def settle_task(settings: Settings, plan: Plan, new: str, keep: bool) -> None:
-    """Tag the kept version, or delete the discarded one and move ``candidate`` back."""
-    c = _client(settings)
-    if keep:
-        c.set_model_version_tag(plan.name, new, VERSION_TAG_KEY, plan.key)
-        return
-    c.delete_model_version(plan.name, new)
-    if plan.candidate_version is not None:
-        c.set_registered_model_alias(plan.name, registry.ALIAS_CANDIDATE, plan.candidate_version)
+@task(name="tag-kept-version", retries=2, retry_delay_seconds=[2, 5])
+def tag_kept_task(settings: Settings, plan: Plan, new: str) -> None:
+    _client(settings).set_model_version_tag(plan.name, new, VERSION_TAG_KEY, plan.key)
 
 
 @task(name="record-key", retries=2, retry_delay_seconds=[2, 5])
@@ -241,29 +199,22 @@ def check_model(settings: Settings, name: str, params: NightlyParams) -> ModelCh
         return ModelCheck(**base, outcome=Outcome.SKIPPED, reason="nothing changed")
     changed = _changed(plan)
     logger.info("nightly: re-optimizing %s (changed: %s)", name, changed)
+    # The optimize flow times the current version beside the new candidates and registers
+    # nothing unless the chosen one beats it by min_speedup: no version to delete afterwards.
+    op = plan.params.model_copy(
+        update={"must_beat": plan.current_version, "min_speedup": params.min_speedup}
+    )
     try:
-        result = optimize_flow(plan.params)
+        result = optimize_flow(op)
     except AccuracyGateError as exc:
         record_key_task(settings, plan)  # deterministic: same inputs fail the same way
         return ModelCheck(**base, outcome=Outcome.FAILED, reason=f"accuracy gate: {exc}")
     except BladeflowError as exc:
         return ModelCheck(**base, outcome=Outcome.FAILED, reason=str(exc))
-    workdir = settings.workdir / f"nightly-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    try:
-        speedup = compare_task(
-            settings,
-            name,
-            plan.current_version,
-            result.version,
-            plan.params,
-            params.compare_rounds,
-            workdir,
-        )
-    except BaseException:
-        settle_task(settings, plan, result.version, keep=False)  # never leave it half-judged
-        raise
-    keep = speedup >= params.min_speedup
-    settle_task(settings, plan, result.version, keep)
+    keep = result.outcome == "registered"
+    speedup = result.incumbent_speedup or 0.0
+    if keep:
+        tag_kept_task(settings, plan, result.version)
     record_key_task(settings, plan)
     check = ModelCheck(
         **base,
@@ -372,41 +323,6 @@ def _changed(plan: Plan) -> str:
     if plan.stored_key is None:
         return "first nightly check"
     return "inputs differ from the last check (see tag " + MODEL_TAG_INPUTS + ")"
-
-
-def _download(
-    settings: Settings, c: Any, name: str, version: str, folder: Path
-) -> tuple[ModelArtifact, Any]:
-    import mlflow.artifacts
-    import onnx
-
-    from tasks.convert.onnx_source import signature_of
-
-    local = Path(
-        mlflow.artifacts.download_artifacts(
-            # Not models:/...: that would resolve through the process-wide registry URI.
-            artifact_uri=c.get_model_version_download_uri(name, version),
-            dst_path=str(folder),
-            tracking_uri=settings.tracking_uri,
-        )
-    )
-    path = local / "model.onnx"
-    mv = c.get_model_version(name, version)
-    session = registry.session_from_recipe(mv.tags.get(registry.TAG_RECIPE, "[]"))
-    artifact = ModelArtifact(
-        path=str(path),
-        format="onnx",
-        sha256=sha256_path(path),
-        size_bytes=path.stat().st_size,
-        signature=signature_of(onnx.load(str(path), load_external_data=False)),
-        provenance=Provenance(source=f"models:/{name}/{version}"),
-    )
-    return artifact, session
-
-
-def _at(bench: BenchmarkReport, label: str, batch: int) -> Any:
-    per = bench.models[label]
-    return per.get(batch) or per[min(per)]
 
 
 def _release(deployment: str, name: str, version: str) -> bool:

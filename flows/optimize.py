@@ -26,6 +26,7 @@ from bladeflow.contract import (
     BenchmarkReport,
     Candidate,
     DataRef,
+    LatencyStats,
     ModelArtifact,
     OptimizeResult,
     SessionConfig,
@@ -37,6 +38,7 @@ from bladeflow.environment import hardware, tool_versions
 from bladeflow.errors import AccuracyGateError, BladeflowError, UserInputError
 from bladeflow.report import candidate_rows, candidates_markdown, pareto_plot, summary_markdown
 from bladeflow.settings import Settings
+from tasks.benchmark.incumbent import INCUMBENT, download_version, resolve_version
 from tasks.benchmark.latency import BenchmarkSettings, benchmark
 from tasks.convert.dispatch import ConvertOptions, convert_source, detect, open_source_runner
 from tasks.convert.verify import run_source
@@ -107,6 +109,14 @@ class OptimizeParams(BaseModel):
         "overrides `tolerance`",
     )
     bench: BenchParams = Field(default_factory=BenchParams)
+    must_beat: str | None = Field(
+        None,
+        description="register only if faster than this version of the same model (a number or "
+        "an alias, e.g. 'champion'), timed in the same interleaved benchmark",
+    )
+    min_speedup: float = Field(
+        1.0, gt=0, description="with must_beat: incumbent/chosen at the objective, at least"
+    )
     tracking_uri: str | None = Field(None, description="MLflow tracking URI override")
 
     @field_validator("name")
@@ -316,6 +326,10 @@ def optimize_flow(params: OptimizeParams) -> OptimizeResult:
     stages: list[StageResult] = []
     kind, objective_batch = parse_objective(params.objective)
     batch_sizes = sorted({*params.batch_sizes, objective_batch})
+    # Checked before any work: a wrong must_beat is a usage error, not a late surprise.
+    incumbent = None
+    if params.must_beat:
+        incumbent = resolve_version(settings, params.name, params.must_beat)
 
     options = convert_options(params)
     with _stage(stages, "convert"):
@@ -404,14 +418,13 @@ def optimize_flow(params: OptimizeParams) -> OptimizeResult:
             )
 
         with _stage(stages, "benchmark") as st:
+            timed = {c.name: (c.artifact, c.session) for c in passing}
+            if incumbent is not None:  # timed in the same rounds: the only fair comparison
+                timed[INCUMBENT] = incumbent_task(
+                    settings, params.name, incumbent, run_dir / INCUMBENT
+                )
             bench, source_runtime = benchmark_task(
-                params.source,
-                options,
-                model,
-                {c.name: (c.artifact, c.session) for c in passing},
-                data,
-                batch_sizes,
-                params.bench,
+                params.source, options, model, timed, data, batch_sizes, params.bench
             )
             chosen = _select(passing, bench, kind, objective_batch)
             st.outputs = {"chosen": chosen.name}
@@ -437,6 +450,10 @@ def optimize_flow(params: OptimizeParams) -> OptimizeResult:
         )
         reg.log_metrics(settings, run_id, _latency_metrics(bench, result))
         reg.log_artifacts(settings, run_id, reports_dir, "reports")
+        if incumbent is not None:
+            result = _judge_incumbent(settings, run_id, params, result, bench, incumbent)
+            if result.outcome == "not_improved":
+                return result
 
         with _stage(stages, "register"):
             # Passes rewrite the graph, not the tokenizer: ship the converted model's assets.
@@ -615,6 +632,56 @@ def _build_all(
             raise exc if isinstance(exc, BaseException) else RuntimeError(str(exc))
         failed[recipe.name] = f"{type(exc).__name__}: {exc}"
     return built, failed
+
+
+@task(name="download-incumbent", retries=2, retry_delay_seconds=[2, 5])
+def incumbent_task(
+    settings: Settings, name: str, version: str, folder: Path
+) -> tuple[ModelArtifact, SessionConfig]:
+    return download_version(settings, name, version, folder)
+
+
+def _judge_incumbent(
+    settings: Settings,
+    run_id: str,
+    params: OptimizeParams,
+    result: OptimizeResult,
+    bench: BenchmarkReport,
+    incumbent: str,
+) -> OptimizeResult:
+    """Speedup of the chosen candidate over the incumbent; ends the run when it is too small."""
+    kind, batch = parse_objective(params.objective)
+
+    def at(label: str) -> LatencyStats:
+        per = bench.models[label]
+        return per.get(batch) or per[min(per)]
+
+    new, old = at(result.candidate), at(INCUMBENT)
+    if kind == "latency":
+        speedup = old.p50_ms / new.p50_ms if new.p50_ms else 0.0
+    else:
+        speedup = new.throughput / old.throughput if old.throughput else 0.0
+    reg.log_metrics(settings, run_id, {"speedup_vs_incumbent": speedup})
+    result = result.model_copy(
+        update={"incumbent_version": incumbent, "incumbent_speedup": round(speedup, 3)}
+    )
+    if speedup >= params.min_speedup:
+        return result
+    reason = (
+        f"{result.candidate} is x{speedup:.2f} v{incumbent} at {params.objective}, below "
+        f"min_speedup {params.min_speedup}: nothing registered"
+    )
+    get_run_logger().info("register: skipped, %s", reason)
+    result.stages.append(
+        StageResult(stage="register", status=StageStatus.SKIPPED, elapsed_s=0.0, reason=reason)
+    )
+    reg.end_run(
+        settings,
+        run_id,
+        "FINISHED",
+        {"bladeflow.outcome": "not_improved", "bladeflow.reason": reason},
+    )
+    return result.model_copy(update={"outcome": "not_improved", "version": "", "model_uri": ""})
 
 
 def _select(passing: list[Candidate], bench: BenchmarkReport, kind: str, batch: int) -> Candidate:

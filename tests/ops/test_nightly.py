@@ -50,7 +50,7 @@ def test_second_nightly_run_skips_and_a_slower_rerun_is_not_registered(
     assert _optimize("mlp-nightly", src, data, bench_fast) == "1"
     c.set_registered_model_tag("mlp-nightly", MODEL_TAG_NIGHTLY, "true")
     c.create_registered_model("not-opted-in")
-    params = NightlyParams(min_speedup=1000.0, bench=bench_fast, compare_rounds=2)
+    params = NightlyParams(min_speedup=1000.0, bench=bench_fast)
     # execute
     first = nightly_flow(params)
     second = nightly_flow(params)
@@ -60,6 +60,13 @@ def test_second_nightly_run_skips_and_a_slower_rerun_is_not_registered(
     assert first[0].speedup < 1000.0 and first[0].new_version is None
     assert _versions(c, "mlp-nightly") == ["1"]
     assert str(c.get_model_version_by_alias("mlp-nightly", registry.ALIAS_CANDIDATE).version) == "1"
+    # nothing was registered then deleted: the re-run's MLflow run says why it registered nothing
+    (rerun,) = c.search_runs(
+        [c.get_run(c.get_model_version("mlp-nightly", "1").run_id).info.experiment_id],
+        "tags.`bladeflow.outcome` = 'not_improved'",
+    )
+    assert "below min_speedup 1000.0" in rerun.data.tags["bladeflow.reason"]
+    assert rerun.data.metrics["speedup_vs_incumbent"] == pytest.approx(first[0].speedup, abs=1e-3)
     key = c.get_registered_model("mlp-nightly").tags[MODEL_TAG_KEY]
     assert key == first[0].key and len(key) == 32
     # assert: the second run skipped it because nothing changed
@@ -93,7 +100,7 @@ def test_changed_source_is_reoptimized_and_a_faster_version_is_kept(
     c = MlflowClient(settings.tracking_uri, settings.registry_uri)
     _optimize("mlp-kept", src, data, bench_fast)
     c.set_registered_model_tag("mlp-kept", MODEL_TAG_NIGHTLY, "true")
-    lenient = NightlyParams(min_speedup=0.01, bench=bench_fast, compare_rounds=2)
+    lenient = NightlyParams(min_speedup=0.01, bench=bench_fast)
     nightly_flow(lenient)  # records the key (and keeps v2: any speed beats 0.01)
     models.mlp(src, features=8, seed=7)
     # execute
@@ -119,3 +126,16 @@ def test_summary_lists_every_outcome():
     assert "| b | improved |  | 4 | x1.30 |" in md
     assert "source x / y missing" in md
     assert MODEL_TAG_NIGHTLY in summary_markdown([])
+
+
+def test_must_beat_naming_no_version_is_a_usage_error_before_any_work(settings: Settings):
+    # setup
+    from bladeflow.errors import UserInputError
+    from tasks.benchmark.incumbent import resolve_version
+
+    MlflowClient(settings.tracking_uri, settings.registry_uri).create_registered_model("m-empty")
+    # execute / assert
+    with pytest.raises(UserInputError, match="has no such version or alias"):
+        resolve_version(settings, "m-empty", "champion")
+    with pytest.raises(UserInputError, match="must_beat='7'"):
+        resolve_version(settings, "m-empty", "7")

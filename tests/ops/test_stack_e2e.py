@@ -138,7 +138,7 @@ def test_nightly_deployment_second_run_skips(live_stack: StackConfig):
     # setup: the model registered by the previous test, opted in
     c = MlflowClient(live_stack.mlflow_url, live_stack.mlflow_url)
     c.set_registered_model_tag("mlp-live", MODEL_TAG_NIGHTLY, "true")
-    params = {"params": {"min_speedup": 1000.0, "bench": _bench(), "compare_rounds": 2}}
+    params = {"params": {"min_speedup": 1000.0, "bench": _bench()}}
     # execute
     first = _run_deployment(live_stack, "nightly-reoptimize/nightly-reoptimize", params)
     second = _run_deployment(live_stack, "nightly-reoptimize/nightly-reoptimize", params)

@@ -1,0 +1,74 @@
+"""The version to beat: a registered version downloaded so it can be timed beside new candidates.
+
+Re-optimization must not register a model that is not faster than the one already serving, and a
+comparison is only fair when both are timed in the same interleaved run on the same machine. So
+the optimize flow (``must_beat``) and the nightly flow download the incumbent with this module and
+benchmark it together with the candidates.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bladeflow import registry
+from bladeflow.contract import ModelArtifact, Provenance, SessionConfig
+from bladeflow.errors import UserInputError
+from bladeflow.hashing import sha256_path
+from bladeflow.settings import Settings
+
+INCUMBENT = "incumbent"  # its label in the benchmark report
+
+
+def _client(settings: Settings) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.registry_uri)
+
+
+def resolve_version(settings: Settings, name: str, ref: str) -> str:
+    """The version number ``ref`` (a number or an alias such as ``champion``) names."""
+    from mlflow.exceptions import MlflowException
+
+    c = _client(settings)
+    try:
+        if ref.isdigit():
+            return str(c.get_model_version(name, ref).version)
+        return str(c.get_model_version_by_alias(name, ref).version)
+    except MlflowException as exc:
+        raise UserInputError(
+            f"must_beat={ref!r}: model {name!r} has no such version or alias ({exc.message}). "
+            "Give an existing version number or alias, or leave must_beat unset for a first run."
+        ) from exc
+
+
+def download_version(
+    settings: Settings, name: str, version: str, folder: Path
+) -> tuple[ModelArtifact, SessionConfig]:
+    """Download version ``version`` of ``name``; return its ONNX file and recorded session."""
+    import mlflow.artifacts
+    import onnx
+
+    from tasks.convert.onnx_source import signature_of
+
+    c = _client(settings)
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            # Not models:/...: that would resolve through the process-wide registry URI.
+            artifact_uri=c.get_model_version_download_uri(name, version),
+            dst_path=str(folder),
+            tracking_uri=settings.tracking_uri,
+        )
+    )
+    path = local / "model.onnx"
+    mv = c.get_model_version(name, version)
+    session = registry.session_from_recipe(mv.tags.get(registry.TAG_RECIPE, "[]"))
+    artifact = ModelArtifact(
+        path=str(path),
+        format="onnx",
+        sha256=sha256_path(path),
+        size_bytes=path.stat().st_size,
+        signature=signature_of(onnx.load(str(path), load_external_data=False)),
+        provenance=Provenance(source=f"models:/{name}/{version}"),
+    )
+    return artifact, session
