@@ -95,6 +95,12 @@ class SessionConfig(BaseModel):
     execution_mode: str = Field("sequential", description="sequential or parallel")
     allow_spinning: bool = Field(True, description="intra-op threads busy-wait between runs")
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
+    provider_options: dict[str, dict[str, str]] = Field(
+        default_factory=dict,
+        description="per provider, ONNX Runtime provider options (e.g. TensorRT profiles and "
+        "engine cache); a relative value of an option ending in _path is taken relative to the "
+        "model's folder, so the cache travels with the model",
+    )
 
 
 class Candidate(BaseModel):

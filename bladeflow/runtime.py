@@ -57,12 +57,34 @@ def available_providers(config: SessionConfig) -> list[str]:
     return [*chosen, "CPUExecutionProvider"]
 
 
+def provider_list(
+    config: SessionConfig, model_path: str | Path
+) -> list[str | tuple[str, dict[str, str]]]:
+    """The providers to pass to ONNX Runtime: available ones, with their options where given.
+
+    Relative ``*_path`` options (engine/timing caches) resolve against the model's folder.
+    """
+    folder = Path(model_path).resolve().parent
+    out: list[str | tuple[str, dict[str, str]]] = []
+    for provider in available_providers(config):
+        options = config.provider_options.get(provider)
+        if not options:
+            out.append(provider)
+            continue
+        resolved = {
+            k: str(folder / v) if k.endswith("_path") and not Path(v).is_absolute() else v
+            for k, v in options.items()
+        }
+        out.append((provider, resolved))
+    return out
+
+
 def make_session(path: str | Path, config: SessionConfig | None = None) -> ort.InferenceSession:
     """Create an inference session; a model ONNX Runtime cannot load raises ModelFileError."""
     config = config or SessionConfig()
     try:
         return ort.InferenceSession(
-            str(path), sess_options=session_options(config), providers=available_providers(config)
+            str(path), sess_options=session_options(config), providers=provider_list(config, path)
         )
     except (
         ort.capi.onnxruntime_pybind11_state.Fail,

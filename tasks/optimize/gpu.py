@@ -10,8 +10,8 @@ from typing import Any
 import onnx
 from pydantic import Field
 
-from bladeflow.contract import SessionConfig
-from tasks.optimize.base import OptimizationPass, PassConfig
+from bladeflow.contract import ModelArtifact, SessionConfig
+from tasks.optimize.base import OptimizationPass, PassConfig, PassContext
 
 PROVIDER_OPTIONS_FILE = "provider_options.json"
 
@@ -116,14 +116,27 @@ class TensorrtExecution(OptimizationPass):
     def applicable(cls, hardware: dict[str, Any]) -> str | None:
         return gpu_missing(hardware, "TensorrtExecutionProvider")
 
+    def __init__(self, config: Any = None):
+        super().__init__(config)
+        self._options: dict[str, str] = {}
+
     def apply(self, source: Path, output: Path) -> None:
-        # The graph is unchanged; the provider options (profiles, cache) are written beside it.
-        # SessionConfig has no provider options yet, so serving reads them from this file.
+        # The graph is unchanged; the provider options (profiles, cache) go into the session
+        # config, so validation, the benchmark and serving all build the same engine. The engine
+        # cache path is relative: it resolves next to wherever the model file lives.
         shutil.copyfile(source, output)
-        options = tensorrt_provider_options(source, self.config, output.parent / "trt_cache")
+        options = tensorrt_provider_options(source, self.config, Path("trt_cache"))
         (output.parent / PROVIDER_OPTIONS_FILE).write_text(
             json.dumps({"TensorrtExecutionProvider": options}, indent=2)
         )
+
+    def run(
+        self, model: ModelArtifact, workdir: Path, context: PassContext | None = None
+    ) -> ModelArtifact:
+        artifact = super().run(model, workdir, context)  # may reuse an earlier build
+        saved = json.loads((workdir / PROVIDER_OPTIONS_FILE).read_text())
+        self._options = saved["TensorrtExecutionProvider"]
+        return artifact
 
     def session_config(self, current: SessionConfig) -> SessionConfig:
         return current.model_copy(
@@ -132,6 +145,10 @@ class TensorrtExecution(OptimizationPass):
                     "TensorrtExecutionProvider",
                     "CUDAExecutionProvider",
                     "CPUExecutionProvider",
-                ]
+                ],
+                "provider_options": {
+                    **current.provider_options,
+                    "TensorrtExecutionProvider": dict(self._options),
+                },
             }
         )

@@ -6,7 +6,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from bladeflow.contract import Tolerance
+from bladeflow.contract import SessionConfig, Tolerance
 from bladeflow.environment import hardware
 from tasks.optimize.base import PassNotApplicable
 from tasks.optimize.gpu import TensorrtConfig, profile_shapes, tensorrt_provider_options
@@ -173,3 +173,30 @@ def test_passes_option_takes_lists():
     (recipe,) = parse_passes("int8_static:op_types=Conv|Gemm;requires_ops=Conv|")
     # assert
     assert recipe.passes[0].config == {"op_types": ["Conv", "Gemm"], "requires_ops": ["Conv"]}
+
+
+def test_tensorrt_options_travel_in_the_session_config_and_resolve_next_to_the_model(
+    tiny_model_path: Path, tmp_path: Path
+):
+    # setup: the pass itself (build_candidate would refuse it without a GPU)
+    from bladeflow.runtime import provider_list
+    from tasks.convert.onnx_source import load_onnx_source
+    from tasks.optimize.gpu import TensorrtExecution
+
+    model = load_onnx_source(tiny_model_path, tmp_path / "converted")
+    step = TensorrtExecution({"fp16": True})
+    # execute
+    out = step.run(model, tmp_path / "trt")
+    session = step.session_config(SessionConfig())
+    cpu_opts = SessionConfig(provider_options={"CPUExecutionProvider": {"x_path": "cache"}})
+    # assert: options recorded in the session config (so serving builds the same engine)
+    trt = session.provider_options["TensorrtExecutionProvider"]
+    assert trt["trt_engine_cache_path"] == "trt_cache" and trt["trt_fp16_enable"] == "true"
+    assert trt["trt_profile_opt_shapes"] == "x:8x8"
+    assert session.providers[0] == "TensorrtExecutionProvider"
+    # assert: relative *_path options resolve against the model's folder; absent providers drop
+    assert provider_list(cpu_opts, out.path) == [
+        ("CPUExecutionProvider", {"x_path": str(Path(out.path).resolve().parent / "cache")})
+    ]
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        assert provider_list(session, out.path) == ["CPUExecutionProvider"]
