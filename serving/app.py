@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import logging
 import random
@@ -71,7 +72,8 @@ def build_app(
 ) -> Starlette:
     """The server's ASGI app over ``fleet``."""
     options = fleet.options
-    expected = f"Bearer {token}".encode() if token else None
+    # Compare digests: constant time, and equal lengths, so not even the length leaks.
+    expected = hashlib.sha256(f"Bearer {token}".encode()).digest() if token else None
     rng = random.Random()
 
     def guarded(handler: Handler) -> Handler:
@@ -79,7 +81,7 @@ def build_app(
             return handler
 
         async def check(request: Request) -> Response:
-            given = request.headers.get("authorization", "").encode()
+            given = hashlib.sha256(request.headers.get("authorization", "").encode()).digest()
             if not hmac.compare_digest(given, expected):
                 return _error("missing or wrong bearer token", 401, {"WWW-Authenticate": "Bearer"})
             return await handler(request)
@@ -160,6 +162,8 @@ def build_app(
         if runner is None:
             return _error(f"model {slot.name!r} is not loaded yet", 503, {"Retry-After": "1"})
         version = runner.version
+        if slot.queue.depth >= slot.queue.limit:  # shed load before paying for decoding
+            return _count(slot.name, version, role, start, _queue_full(slot.name))
         try:
             req = decode_request(
                 body, runner.model.inputs, allow_text=runner.model.tokenizer_dir is not None
@@ -170,15 +174,7 @@ def build_app(
         except DecodeError as exc:
             return _count(slot.name, version, role, start, _error(str(exc), 400))
         except QueueFull:
-            return _count(
-                slot.name,
-                version,
-                role,
-                start,
-                _error(
-                    f"the queue of {slot.name!r} is full; retry later", 429, {"Retry-After": "1"}
-                ),
-            )
+            return _count(slot.name, version, role, start, _queue_full(slot.name))
         try:
             outputs = await asyncio.wait_for(future, options.request_timeout_s)
         except TimeoutError:
@@ -204,6 +200,9 @@ def build_app(
         if role == CHAMPION and dep.canary is not None and share and rng.random() < share:
             _shadow(slot, req, outputs)
         return _count(slot.name, version, role, start, Response(payload, media_type=JSON))
+
+    def _queue_full(name: str) -> Response:
+        return _error(f"the queue of {name!r} is full; retry later", 429, {"Retry-After": "1"})
 
     def _count(model: str, version: str, role: str, start: float, response: Response) -> Response:
         metrics.requests.labels(model, version, role, str(response.status_code)).inc()

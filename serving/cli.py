@@ -43,7 +43,8 @@ def serve(
         None,
         "--token",
         envvar="BLADEFLOW_SERVE_TOKEN",
-        help="Require 'Authorization: Bearer TOKEN' (health endpoints stay open).",
+        help="Require 'Authorization: Bearer TOKEN' (health endpoints stay open). Prefer the "
+        "environment variable: a --token value is visible to other local users in `ps`.",
     ),
     max_body_mb: float = typer.Option(8.0, "--max-body-mb", help="Largest request body (413)."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning, error."),
@@ -68,6 +69,11 @@ def serve(
     settings = Settings.from_env(home=home, tracking_uri=tracking_uri)
     settings.apply()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # The poller retries every --poll-interval itself. MLflow's own defaults (7 retries with
+    # exponential backoff, 120 s timeout) kept one poll of a dead registry hanging for minutes,
+    # so an outage went unreported that long; fail fast and let the next poll retry.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

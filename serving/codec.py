@@ -5,6 +5,7 @@ Pure functions over bytes and arrays, so each step of the request path can be te
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -117,9 +118,9 @@ def decode_request(
         if isinstance(name, str) and item.get("datatype") == "BYTES" and allow_text:
             texts = _decode_text(item)
             continue
-        if name not in inputs:
+        if not isinstance(name, str) or name not in inputs:  # a list/object name is not hashable
             raise DecodeError(f"unknown input {name!r}; the model takes {sorted(inputs)}")
-        arrays[str(name)] = decode_tensor(item, inputs[str(name)])
+        arrays[name] = decode_tensor(item, inputs[name])
     if texts is None:
         _fill_optional(arrays, inputs)
         missing = sorted(set(inputs) - set(arrays))
@@ -139,7 +140,9 @@ def decode_request(
 def decode_tensor(item: Mapping[str, Any], meta: InputMeta) -> np.ndarray:
     """One v2 input tensor -> numpy array of the model's dtype and the given shape."""
     shape = item.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
         raise DecodeError(f"input {meta.name!r}: 'shape' must be a list of non-negative integers")
     datatype = item.get("datatype")
     if datatype != meta.datatype:
@@ -163,7 +166,7 @@ def decode_tensor(item: Mapping[str, Any], meta: InputMeta) -> np.ndarray:
         arr = np.asarray(data, dtype=meta.dtype)
     except (ValueError, TypeError, OverflowError) as exc:
         raise DecodeError(f"input {meta.name!r}: data is not {meta.datatype}: {exc}") from None
-    count = int(np.prod(shape))
+    count = math.prod(shape)  # exact: np.prod wraps around past int64 (then reshape fails)
     if arr.size != count:
         raise DecodeError(
             f"input {meta.name!r}: shape {shape} needs {count} values, data has {arr.size}"

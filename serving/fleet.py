@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import shutil
 import tempfile
 import time
@@ -69,6 +70,19 @@ class RegistryState:
 
 
 @dataclass
+class RegistryHealth:
+    """Whether the last registry poll worked; shared by every slot of a fleet."""
+
+    up: bool | None = None  # None: not polled yet
+    error: str | None = None
+    last_ok: float | None = None  # time.monotonic() of the last successful poll
+
+    def describe(self) -> dict[str, Any]:
+        age = None if self.last_ok is None else round(time.monotonic() - self.last_ok, 1)
+        return {"up": self.up, "error": self.error, "seconds_since_last_ok": age}
+
+
+@dataclass
 class ModelSlot:
     """One served model: its deployment, queue and load history."""
 
@@ -79,6 +93,7 @@ class ModelSlot:
     last_error: str | None = None
     in_flight: int = 0  # requests inside the infer handler (waiting, batched or running)
     failed: dict[str, float] = field(default_factory=dict)  # version -> time of last failure
+    registry: RegistryHealth = field(default_factory=RegistryHealth)
 
     @property
     def ready(self) -> bool:
@@ -99,6 +114,7 @@ class ModelSlot:
                 "canary_weight": self.wanted.weight,
             },
             "last_error": self.last_error,
+            "registry_status": self.registry.describe(),
             "failed_versions": sorted(self.failed),
             "queue_depth": self.queue.depth,
             "in_flight": self.in_flight,
@@ -166,8 +182,13 @@ class Fleet:
         self.options = options
         self.metrics = metrics
         self.poll_interval_s = poll_interval_s
+        self.registry = RegistryHealth()
         self.slots = {
-            n: ModelSlot(n, ModelQueue(options.max_queue_size, metrics.queue_depth.labels(n).set))
+            n: ModelSlot(
+                n,
+                ModelQueue(options.max_queue_size, metrics.queue_depth.labels(n).set),
+                registry=self.registry,
+            )
             for n in names
         }
         pool = max(2, options.workers * 3 * len(names))
@@ -199,17 +220,43 @@ class Fleet:
         while True:
             try:
                 await self.poll()
-            except Exception:  # the registry may be briefly unreachable: keep serving, retry
-                log.exception("polling the registry failed; serving the loaded versions")
+            except Exception:  # our bug, not the registry's: keep serving, retry
+                log.exception("bringing the served versions in line with the registry failed")
             await asyncio.sleep(self.poll_interval_s)
 
     async def poll(self) -> None:
-        """Read the registry once and bring every model in line with it."""
+        """Read the registry once and bring every model in line with it.
+
+        An unreachable registry is not fatal: the loaded versions keep serving, the failure is
+        shown in ``bladeflow_registry_up`` and each model's status, and the next poll retries.
+        """
         async with self._lock:
+            states = {}
+            try:
+                for slot in self.slots.values():
+                    states[slot.name] = await asyncio.to_thread(read_state, self.client, slot.name)
+            except Exception as exc:  # noqa: BLE001 - unreachable/refused/timed out: reported
+                self._registry_down(exc)
+                return
+            self._registry_ok()
             for slot in self.slots.values():
-                state = await asyncio.to_thread(read_state, self.client, slot.name)
-                slot.wanted = state
-                await self._reconcile(slot, state)
+                slot.wanted = states[slot.name]
+                await self._reconcile(slot, states[slot.name])
+
+    def _registry_ok(self) -> None:
+        if self.registry.up is False:
+            log.info("the registry is reachable again")
+        self.registry.up, self.registry.error = True, None
+        self.registry.last_ok = time.monotonic()
+        self.metrics.registry_up.set(1)
+
+    def _registry_down(self, exc: BaseException) -> None:
+        reason = _redact(f"{type(exc).__name__}: {_first_line(exc)}")
+        if self.registry.up is not False:  # log the transition, not every poll
+            log.warning("the registry cannot be read (%s); serving the loaded versions", reason)
+        self.registry.up, self.registry.error = False, reason
+        self.metrics.registry_up.set(0)
+        self.metrics.registry_poll_failures.inc()
 
     async def _reconcile(self, slot: ModelSlot, state: RegistryState) -> None:
         current = slot.deployment
@@ -299,3 +346,13 @@ class Fleet:
     async def _retire(self, runner: Runner) -> None:
         await runner.batcher.close()
         log.info("retired %s version %s", runner.model.name, runner.version)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "message", None) or exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def _redact(text: str) -> str:
+    """Drop credentials a registry URI may carry (``scheme://user:secret@host``)."""
+    return re.sub(r"://[^/@\s]+@", "://***@", text)

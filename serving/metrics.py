@@ -67,6 +67,17 @@ class Metrics:
             buckets=DIFF_BUCKETS,
             registry=r,
         )
+        self.registry_up = Gauge(
+            "bladeflow_registry_up",
+            "1 when the last registry poll succeeded, 0 when it failed (loaded versions keep "
+            "serving either way).",
+            registry=r,
+        )
+        self.registry_poll_failures = Counter(
+            "bladeflow_registry_poll_failures_total",
+            "Registry polls that failed (unreachable, refused, timed out).",
+            registry=r,
+        )
         self.model_info = Gauge(
             "bladeflow_model_info",
             "1 for each loaded model version and its role.",

@@ -179,6 +179,8 @@ def _model_file(folder: Path) -> Path:
     path = (folder / data).resolve()
     if not path.is_relative_to(folder.resolve()) or not path.is_file():
         raise LoadError(f"the downloaded model has no ONNX file at {data!r}")
+    if path.suffix.lower() != ".onnx":  # serving loads ONNX graphs only, never pickles & co.
+        raise LoadError(f"the model file {data!r} is not an .onnx file; serving loads only ONNX")
     return path
 
 

@@ -105,18 +105,36 @@ OPENAPI: dict[str, Any] = {
                 "responses": {"200": {"description": "ready"}, "503": _ERR},
             }
         },
+        "/v2": {
+            "get": {
+                "summary": "Server metadata",
+                "responses": {"200": {"description": "name, version, extensions"}, "401": _ERR},
+            }
+        },
         "/v2/models/{name}": {
             "get": {
                 "summary": "Model metadata and serving state",
                 "parameters": [_NAME],
-                "responses": {"200": {"description": "metadata"}, "404": _ERR},
+                "responses": {"200": {"description": "metadata"}, "401": _ERR, "404": _ERR},
+            }
+        },
+        "/v2/models/{name}/versions/{version}": {
+            "get": {
+                "summary": "Metadata of one loaded version",
+                "parameters": [_NAME, _VERSION],
+                "responses": {"200": {"description": "metadata"}, "401": _ERR, "404": _ERR},
             }
         },
         "/v2/models/{name}/ready": {
             "get": {
                 "summary": "Model ready",
                 "parameters": [_NAME],
-                "responses": {"200": {"description": "ready"}, "503": _ERR},
+                "responses": {
+                    "200": {"description": "ready"},
+                    "401": _ERR,
+                    "404": _ERR,
+                    "503": _ERR,
+                },
             }
         },
         "/v2/models/{name}/infer": {
@@ -128,7 +146,7 @@ OPENAPI: dict[str, Any] = {
         "/metrics": {
             "get": {
                 "summary": "Prometheus metrics",
-                "responses": {"200": {"description": "text format"}},
+                "responses": {"200": {"description": "text format"}, "401": _ERR},
             }
         },
     },

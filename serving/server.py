@@ -7,6 +7,7 @@ app's shutdown lets every batcher finish what it holds before the process exits.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import signal
 from collections.abc import Iterator
@@ -50,10 +51,34 @@ def make_app(settings: Settings, names: list[str], options: ServeOptions, config
     return build_app(fleet, metrics, token=config.token, max_body_bytes=config.max_body_bytes)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the server reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to a public address
+
+
+def bind_warning(host: str, token: str | None) -> str | None:
+    """The warning to log when ``host`` exposes the server beyond loopback without a token."""
+    if is_loopback(host) or token:
+        return None
+    return (
+        f"serving on {host}, reachable from other machines, WITHOUT a token: anyone who can "
+        "reach it can run inference and read /metrics. Set --token (or BLADEFLOW_SERVE_TOKEN) "
+        "or bind 127.0.0.1."
+    )
+
+
 def run(settings: Settings, names: list[str], options: ServeOptions, config: ServerConfig) -> None:
     """Serve until SIGTERM/SIGINT (blocking)."""
     import uvicorn
 
+    warning = bind_warning(config.host, config.token)
+    if warning:
+        log.warning(warning)
     _Server = _server_class()
     app = make_app(settings, names, options, config)
     uv = uvicorn.Config(
