@@ -61,7 +61,7 @@ reliability: $(RELIABILITY_STAMP)  ## faults, overload, fuzzing, soak and securi
 	$(BIN)/python -m tests.reliability.report $(RELIABILITY_OUT) --doc docs/RELIABILITY.md
 
 audit: $(RELIABILITY_STAMP)  ## known vulnerabilities in the installed dependencies (pip-audit)
-	$(BIN)/pip-audit --progress-spinner off --skip-editable
+	$(BIN)/python scripts/audit.py
 
 up: setup  ## start S3 (SeaweedFS), MLflow server, Prefect server + worker; register the deployments
 	$(BIN)/bladeflow up
