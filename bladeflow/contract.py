@@ -7,6 +7,7 @@ result is cheap to pass through Prefect, easy to log to MLflow and printable as 
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -174,16 +175,22 @@ class BenchmarkReport(BaseModel):
         default_factory=dict, description="input shapes at batch 1"
     )
 
-    def slower_than(self, name: str, reference: str, margin: float = 0.05) -> str | None:
+    def slower_than(
+        self, name: str, reference: str, margin: float = 0.10, skip: Sequence[int] = ()
+    ) -> str | None:
         """Why ``name`` is more than ``margin`` slower than ``reference`` at some batch size.
 
         None when it is not (or either was not measured). Used so that the chosen model is never
         slower than the unoptimized one at any batch size the run measured, not only at the
-        objective's: e.g. int8 kernels that win at batch 1 can lose at batch 32.
+        objective's: e.g. int8 kernels that win at batch 1 can lose at batch 32. ``skip``: batch
+        sizes not judged (the objective's, where the selection itself compares them). The 10%
+        default margin keeps one noisy round on a shared machine from deciding.
         """
         mine, ref = self.models.get(name, {}), self.models.get(reference, {})
         worst: tuple[float, int] | None = None
         for bs, stats in mine.items():
+            if bs in skip:
+                continue
             base = ref.get(bs)
             if base is None or base.p50_ms <= 0:
                 continue

@@ -54,16 +54,18 @@ def candidate_rows(
         stats = bench.models.get(name, {}).get(objective_batch) if bench else None
         if name == chosen:
             decision = "chosen: best on the objective among those that passed"
+        elif _skipped(acc):
+            decision = acc.reason
         elif not acc.passed:
             decision = f"rejected: {acc.reason}"
-        elif bench and (why := bench.slower_than(name, "baseline")):
+        elif bench and (why := bench.slower_than(name, "baseline", skip=[objective_batch])):
             decision = f"passed the gate, not eligible: {why}"
         else:
             decision = "passed the gate, slower than the chosen one"
         rows.append(
             {
                 "candidate": name,
-                "gate": "pass" if acc.passed else "FAIL",
+                "gate": "pass" if acc.passed else ("skipped" if _skipped(acc) else "FAIL"),
                 "max_abs_error": worst_abs_error(acc),
                 "min_cosine": worst_cosine(acc),
                 f"p50_ms@{objective_batch}": stats.p50_ms if stats else None,
@@ -71,6 +73,11 @@ def candidate_rows(
             }
         )
     return rows
+
+
+def _skipped(acc: AccuracyReport) -> bool:
+    """A recipe that was not built here (no GPU, nothing to do on this graph), not a failure."""
+    return not acc.outputs and acc.reason.startswith("skipped here")
 
 
 def candidates_markdown(
