@@ -51,9 +51,30 @@ def _say(message: str) -> None:
 
 
 def _fail(exc: BladeflowError) -> typer.Exit:
+    from bladeflow.redact import redact
+
     kind = {2: "bad input", 3: "accuracy gate failed"}.get(exc.exit_code, "error")
-    _say(f"bladeflow: {kind}: {exc}")
+    _say(redact(f"bladeflow: {kind}: {exc}"))
     return typer.Exit(exc.exit_code)
+
+
+def _settings(home: Path | None, tracking_uri: str | None) -> Settings:
+    """Resolve the settings; a password in the tracking/registry URI moves to
+    MLFLOW_TRACKING_USERNAME/PASSWORD (which MLflow sends as basic auth), so the URI that ends up
+    in logs, Prefect flow parameters and MLflow is the plain one."""
+    import os
+    from dataclasses import replace
+
+    from bladeflow.redact import split_credentials
+
+    settings = Settings.from_env(home=home, tracking_uri=tracking_uri)
+    tracking, user, password = split_credentials(settings.tracking_uri)
+    registry, r_user, r_password = split_credentials(settings.registry_uri)
+    for u, pw in ((user, password), (r_user, r_password)):
+        if pw is not None:
+            os.environ["MLFLOW_TRACKING_USERNAME"] = u or ""
+            os.environ["MLFLOW_TRACKING_PASSWORD"] = pw
+    return replace(settings, tracking_uri=tracking, registry_uri=registry)
 
 
 @app.command()
@@ -169,7 +190,7 @@ def optimize(
     or with --release the release was rolled back; 4 MLflow unusable; 5 another release of the
     model is in progress.
     """
-    settings = Settings.from_env(home=home, tracking_uri=tracking_uri)
+    settings = _settings(home, tracking_uri)
     settings.apply()
     try:
         params = _optimize_params(
@@ -230,7 +251,7 @@ def demo(
 
     from bladeflow.matcher import MATCHER_NAME, MATCHER_SOURCE, build_validation_set, minilm_dir
 
-    settings = Settings.from_env(home=home, tracking_uri=tracking_uri)
+    settings = _settings(home, tracking_uri)
     settings.apply()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     folder = settings.home / "demo"
@@ -351,21 +372,57 @@ def _preflight(params: Any) -> None:
     """Fail fast on bad input, before the flow (and a Prefect server) starts."""
     import tempfile
 
+    from tasks.convert.base import get_converter
     from tasks.convert.dispatch import detect
     from tasks.convert.onnx_source import load_onnx_source
     from tasks.optimize.recipes import resolve_recipes
-    from tasks.validate.data import load_npz
+    from tasks.validate.data import check_array_files, load_npz
 
     fmt = detect(params.source, params.format)
+    get_converter(fmt).precheck(params.source)  # size limit, truncated archives: no framework
     resolve_recipes(params.preset, params.passes)
     if params.data and not Path(params.data).exists():
         raise UserInputError(f"validation data {params.data} does not exist")
+    if params.data:
+        check_array_files(params.data)  # headers only: nothing huge or truncated is allocated
+    _check_tracking_server(params.tracking_uri)
     if fmt != "onnx":
-        return  # other formats are checked by their converter, which needs the framework
+        return  # other formats are loaded by their converter, which needs the framework
     with tempfile.TemporaryDirectory(prefix="bladeflow-preflight-") as tmp:
         model = load_onnx_source(params.source, Path(tmp))
         if params.data and params.data.endswith(".npz"):
             load_npz(params.data, model.signature)
+
+
+# An unreachable tracking server fails in ~3 s (three tries, 1 s and 2 s apart) instead of after
+# the convert stage and MLflow's own (long) retries.
+_PROBE_DELAYS_S = (1.0, 2.0)
+
+
+def _check_tracking_server(uri: str | None) -> None:
+    """Exit 4 before any work when an HTTP tracking server does not answer its /health."""
+    import time
+
+    import requests
+
+    from bladeflow.errors import RegistryError
+
+    if not uri or not uri.startswith(("http://", "https://")):
+        return
+    last: str = ""
+    for delay in (*_PROBE_DELAYS_S, None):
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=5)
+            return  # any answer: the server is up (authorization is checked by real calls)
+        except requests.RequestException as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        if delay is not None:
+            time.sleep(delay)
+    raise RegistryError(
+        f"cannot use MLflow at {uri}: no answer after {len(_PROBE_DELAYS_S) + 1} tries "
+        f"({last[:300]}). "
+        "Check --tracking-uri / MLFLOW_TRACKING_URI and that the server is running."
+    )
 
 
 class _HideUserErrorTracebacks(logging.Filter):
@@ -392,9 +449,13 @@ def _run_optimize(params: Any) -> Any:
 
     quiet_user_error_tracebacks()
 
+    from bladeflow.redact import redact
+
     _say(
-        f"optimize: {params.source} -> registered model {params.name!r} "
-        f"(tracking {params.tracking_uri})"
+        redact(
+            f"optimize: {params.source} -> registered model {params.name!r} "
+            f"(tracking {params.tracking_uri})"
+        )
     )
     # Prefect and MLflow print to stdout; keep stdout for the result (e.g. --json).
     with contextlib.redirect_stdout(sys.stderr):

@@ -36,6 +36,8 @@ from bladeflow.contract import (
 )
 from bladeflow.environment import hardware, tool_versions
 from bladeflow.errors import AccuracyGateError, BladeflowError, UserInputError
+from bladeflow.faults import fault_point
+from bladeflow.redact import redact, split_credentials
 from bladeflow.report import candidate_rows, candidates_markdown, pareto_plot, summary_markdown
 from bladeflow.settings import Settings
 from tasks.benchmark.incumbent import INCUMBENT, download_version, resolve_version
@@ -123,6 +125,17 @@ class OptimizeParams(BaseModel):
     @classmethod
     def _name(cls, v: str) -> str:
         return registry.check_model_name(v)
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials(cls, v: str | None) -> str | None:
+        # Flow parameters are stored by Prefect and shown in its UI: no passwords in them.
+        if v and split_credentials(v)[2] is not None:
+            raise ValueError(
+                f"tracking_uri {redact(v)!r} carries a password; pass the plain URI and set "
+                "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD in the environment instead"
+            )
+        return v
 
     @field_validator("batch_sizes")
     @classmethod
@@ -490,6 +503,7 @@ def optimize_flow(params: OptimizeParams) -> OptimizeResult:
             run_id,
             "FAILED",
             {"bladeflow.outcome": "accuracy_gate_failed", "bladeflow.reason": str(exc)[:5000]},
+            quiet=True,
         )
         raise
     except BaseException as exc:
@@ -498,6 +512,7 @@ def optimize_flow(params: OptimizeParams) -> OptimizeResult:
             run_id,
             "FAILED",
             {"bladeflow.outcome": "error", "bladeflow.reason": str(exc)[:5000]},
+            quiet=True,
         )
         raise
 
@@ -603,6 +618,7 @@ def _log_candidates(
 
 @contextmanager
 def _stage(stages: list[StageResult], name: str) -> Iterator[StageResult]:
+    fault_point(name)  # no-op unless a reliability test asks to pause here (bladeflow/faults.py)
     result = StageResult(stage=name, status=StageStatus.OK, elapsed_s=0.0)
     started = time.perf_counter()
     try:
@@ -747,7 +763,9 @@ def _version_tags(
         registry.TAG_HARDWARE: json.dumps(hardware(), sort_keys=True),
         registry.TAG_CANDIDATE: chosen.name,
         registry.TAG_SYNTHETIC: str(data.synthetic).lower(),
-        registry.TAG_OPTIMIZE_PARAMS: params.model_dump_json(exclude={"tracking_uri"})[:5000],
+        registry.TAG_OPTIMIZE_PARAMS: redact(params.model_dump_json(exclude={"tracking_uri"}))[
+            :5000
+        ],
         registry.TAG_TOOL_VERSIONS: json.dumps(tool_versions(), sort_keys=True),
     }
 

@@ -8,6 +8,8 @@ module is imported; heavy frameworks are imported inside the methods only.
 
 from __future__ import annotations
 
+import os
+import zipfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +74,82 @@ class Converter(ABC):
     ) -> SourceRunner | None:
         """A runner of the source model in its framework (None when the source is ONNX)."""
         return None
+
+    @classmethod
+    def precheck(cls, source: str) -> None:
+        """Cheap checks that need no framework (run by the CLI before anything starts, and by
+        ``convert_source``): the size limit; formats add checks of their file structure.
+
+        Raises:
+            ModelFileError: the source is over the size limit, truncated or not of this format.
+        """
+        check_size(source)
+
+
+ENV_MAX_MODEL_BYTES = "BLADEFLOW_MAX_MODEL_BYTES"
+DEFAULT_MAX_MODEL_BYTES = 16 << 30  # 16 GiB: bladeflow loads the whole source into memory
+
+
+def max_model_bytes() -> int:
+    """The largest model source (file, or all files of a folder) bladeflow opens.
+
+    ``BLADEFLOW_MAX_MODEL_BYTES`` overrides the default of 16 GiB: sources are loaded into memory
+    (by their framework, then as ONNX), so a bigger one would exhaust it instead of failing.
+    """
+    raw = os.environ.get(ENV_MAX_MODEL_BYTES, "")
+    try:
+        return int(raw) if raw.strip() else DEFAULT_MAX_MODEL_BYTES
+    except ValueError:
+        raise ModelFileError(
+            f"{ENV_MAX_MODEL_BYTES}={raw!r} is not a number of bytes (e.g. 17179869184)"
+        ) from None
+
+
+def source_size(path: Path) -> int:
+    """Bytes on disk of a file, or of every file under a folder."""
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'; 17179869184 -> '16.0 GiB'."""
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def check_size(source: str) -> None:
+    """Refuse a local source over :func:`max_model_bytes` before anything reads it."""
+    path = Path(source)
+    if not path.exists():
+        return  # URIs, and missing files (reported by the converter with a better message)
+    size, limit = source_size(path), max_model_bytes()
+    if size > limit:
+        raise ModelFileError(
+            f"{source} is {human_bytes(size)}, over bladeflow's limit of "
+            f"{human_bytes(limit)} for a model source (it is loaded into memory). If this "
+            f"machine has the memory, raise the limit: {ENV_MAX_MODEL_BYTES}=<bytes>."
+        )
+
+
+def check_zip(path: Path, what: str, how_to_save: str) -> list[str]:
+    """The member names of a zip-based model file; ModelFileError when it is not a whole zip
+    (a truncated copy loses the central directory at the end)."""
+    if not path.is_file():
+        raise ModelFileError(f"{path} does not exist or is not a file")
+    if path.stat().st_size == 0:
+        raise ModelFileError(f"{path} is empty (0 bytes): the save or copy did not finish")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return zf.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise ModelFileError(
+            f"{path} is not a readable {what} ({exc}): a {what} is a zip archive and this one is "
+            f"truncated or corrupt, or not a {what} at all. {how_to_save}"
+        ) from exc
 
 
 def load_converters() -> dict[str, type[Converter]]:

@@ -18,8 +18,9 @@ import onnx
 from pydantic import BaseModel, Field
 
 from bladeflow.contract import ModelArtifact, PassRecord, Signature, TensorSpec, Tolerance
+from bladeflow.errors import ModelFileError
 from bladeflow.hashing import sha256_path
-from tasks.convert.base import SourceRunner, get_converter
+from tasks.convert.base import SourceRunner, check_size, get_converter
 from tasks.convert.detect import detect_format
 from tasks.convert.errors import ConversionError
 from tasks.convert.verify import verification_data, verify_conversion
@@ -70,6 +71,7 @@ def convert_source(source: str, workdir: Path, options: ConvertOptions) -> Model
     """
     fmt = detect(source, options.format)
     converter = get_converter(fmt)
+    check_size(source)  # before anything loads it (the CLI also runs converter.precheck)
     workdir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=workdir))
     try:
@@ -156,7 +158,16 @@ def _with_value_ranges(signature: Signature, ranges: dict[str, list[float]]) -> 
 
 def _check_operators(path: Path) -> None:
     """Name the first operator no ONNX runtime implements (a framework op left in the graph)."""
-    model = onnx.load(str(path), load_external_data=False)
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, OSError, RuntimeError) as exc:
+        # e.g. an MLflow model whose model.onnx was cut off in the artifact store
+        raise ModelFileError(
+            f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc}). The file may be "
+            "truncated or corrupt: log or export the model again."
+        ) from exc
     imports = {i.domain: i.version for i in model.opset_import}
     for node in model.graph.node:
         domain = node.domain or ""

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from bladeflow.contract import ModelArtifact
 from bladeflow.errors import ModelFileError
-from tasks.convert.base import Converter, Export, SourceRunner
+from tasks.convert.base import Converter, Export, SourceRunner, check_size
 from tasks.convert.errors import missing_framework
 from tasks.convert.torch_common import TorchRunner, export_module, first_line, import_torch
 
@@ -35,6 +35,42 @@ _TOKENIZER_FILES = (
     "tokenizer.model",
 )
 _EXAMPLE_BATCH, _EXAMPLE_SEQ = 2, 8
+
+
+def check_hf_folder(path: Path) -> None:
+    """Without transformers: config.json must parse, and every .safetensors file must hold the
+    bytes its header promises (a truncated copy does not)."""
+    import json
+    import struct
+
+    try:
+        json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelFileError(
+            f"{path / 'config.json'} is not readable JSON ({exc}): the model folder is incomplete"
+        ) from exc
+    for weights in sorted(path.glob("*.safetensors")):
+        size = weights.stat().st_size
+        try:
+            with weights.open("rb") as fh:
+                (header_len,) = struct.unpack("<Q", fh.read(8))
+                if header_len > min(size, 100 << 20):
+                    raise ValueError(f"header length {header_len} > file size {size}")
+                header = json.loads(fh.read(header_len))
+            end = max(
+                (int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"),
+                default=0,
+            )
+        except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error) as exc:
+            raise ModelFileError(
+                f"{weights} is not a readable safetensors file ({exc}): it is truncated or "
+                "corrupt; save the model again with save_pretrained()"
+            ) from exc
+        if 8 + header_len + end > size:
+            raise ModelFileError(
+                f"{weights} is truncated: its header promises {8 + header_len + end} bytes, the "
+                f"file has {size}. Copy or save the model again (save_pretrained())."
+            )
 
 
 def is_hf_folder(path: Path) -> bool:
@@ -119,6 +155,11 @@ class HuggingFaceConverter(Converter):
     @classmethod
     def claims(cls, source: str) -> bool:
         return Path(source).is_dir() and is_hf_folder(Path(source))
+
+    @classmethod
+    def precheck(cls, source: str) -> None:
+        check_size(source)
+        check_hf_folder(Path(source))
 
     def export(self, source: str, workdir: Path, options: ConvertOptions) -> Export:
         torch = import_torch(self.format)

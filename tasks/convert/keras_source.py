@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from bladeflow.contract import ModelArtifact
 from bladeflow.errors import ModelFileError
-from tasks.convert.base import Converter, Export, SourceRunner
+from tasks.convert.base import Converter, Export, SourceRunner, check_size, check_zip
 from tasks.convert.errors import missing_framework
 from tasks.convert.tf_common import TFRunner, convert_function, import_tf, input_specs
 
@@ -21,14 +21,44 @@ if TYPE_CHECKING:
 SUFFIXES = (".keras", ".h5", ".hdf5")
 
 
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_HOW_TO_SAVE = "Save the model again with model.save('model.keras')."
+
+
+def check_keras_file(path: Path) -> None:
+    """A .keras file must be a whole zip archive, an .h5 must start with the HDF5 signature."""
+    if path.suffix.lower() == ".keras":
+        check_zip(path, "Keras .keras file", _HOW_TO_SAVE)
+        return
+    if not path.is_file():
+        raise ModelFileError(f"{path} does not exist or is not a file")
+    with path.open("rb") as fh:
+        head = fh.read(len(_HDF5_SIGNATURE))
+    if head != _HDF5_SIGNATURE:
+        raise ModelFileError(
+            f"{path} is not an HDF5 file (no HDF5 signature at its start): it is corrupt or not a "
+            f"Keras .h5 model. {_HOW_TO_SAVE}"
+        )
+    try:
+        import h5py  # light (no TensorFlow); it notices a truncated file from the superblock
+    except ImportError:
+        return
+    try:
+        h5py.File(path, "r").close()
+    except OSError as exc:
+        raise ModelFileError(
+            f"{path} is not a readable HDF5 file ({exc}): it is truncated or corrupt. "
+            f"{_HOW_TO_SAVE}"
+        ) from exc
+
+
 def load_keras(path: Path) -> Any:
     import_tf("Keras")
     try:
         import keras
     except ImportError as exc:
         raise missing_framework("Keras", "keras", "tf", exc) from exc
-    if not path.is_file():
-        raise ModelFileError(f"{path} does not exist or is not a file")
+    check_keras_file(path)
     try:
         return keras.saving.load_model(str(path), compile=False, safe_mode=True)
     except ValueError as exc:
@@ -65,6 +95,11 @@ class KerasConverter(Converter):
     def claims(cls, source: str) -> bool:
         path = Path(source)
         return path.is_file() and path.suffix.lower() in SUFFIXES
+
+    @classmethod
+    def precheck(cls, source: str) -> None:
+        check_size(source)
+        check_keras_file(Path(source))
 
     def export(self, source: str, workdir: Path, options: ConvertOptions) -> Export:
         tf = import_tf(self.format)

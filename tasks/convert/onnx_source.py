@@ -15,13 +15,14 @@ from bladeflow.environment import tool_versions
 from bladeflow.errors import ModelFileError
 from bladeflow.hashing import sha256_path
 from bladeflow.runtime import make_session, run
-from tasks.convert.base import Converter, Export
+from tasks.convert.base import Converter, Export, check_size
 
 if TYPE_CHECKING:
     from tasks.convert.dispatch import ConvertOptions
 
 # Protobuf cannot serialize a single message over 2 GiB; bigger models keep weights outside.
 _EXTERNAL_DATA_THRESHOLD = 1 << 30
+_PROTOBUF_LIMIT = 2 << 30
 
 
 def load_onnx_source(
@@ -132,6 +133,17 @@ class OnnxConverter(Converter):
     def claims(cls, source: str) -> bool:
         path = Path(source)
         return path.is_file() and path.suffix.lower() == ".onnx"
+
+    @classmethod
+    def precheck(cls, source: str) -> None:
+        check_size(source)
+        path = Path(source)
+        if path.is_file() and path.stat().st_size > _PROTOBUF_LIMIT:
+            raise ModelFileError(
+                f"{path} is {path.stat().st_size / (1 << 30):.1f} GiB in one file, but an ONNX "
+                "protobuf cannot exceed 2 GiB: it is corrupt, or was saved without external data. "
+                "Save it with onnx.save_model(model, path, save_as_external_data=True)."
+            )
 
     def export(self, source: str, workdir: Path, options: ConvertOptions) -> Export:
         # The file is admitted as is; an opset change is checked against the original in ORT.

@@ -8,6 +8,7 @@ Classifiers export ``label`` and ``probabilities`` (no ZipMap); regressors ``var
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from bladeflow.contract import ModelArtifact
 from bladeflow.errors import ModelFileError
-from tasks.convert.base import Converter, Export, SourceRunner
+from tasks.convert.base import Converter, Export, SourceRunner, check_size, check_zip
 from tasks.convert.errors import ConversionError, missing_framework
 
 if TYPE_CHECKING:
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 
 DEFAULT_OPSET = 17
 _TRUSTED_PACKAGES = {"sklearn", "numpy", "scipy"}
+_HOW_TO_SAVE = "Save the model with skops.io.dump(model, 'model.skops')."
 INPUT = "input"
 
 
@@ -33,9 +35,10 @@ def load_skops(path: Path) -> Any:
         raise missing_framework("scikit-learn (skops)", "skops", None, exc) from exc
     if not path.is_file():
         raise ModelFileError(f"{path} does not exist or is not a file")
+    check_zip(path, "skops file", _HOW_TO_SAVE)
     try:
         untrusted = sio.get_untrusted_types(file=str(path))
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         raise ModelFileError(f"{path} is not a readable skops file: {exc}") from exc
     # Types from scikit-learn/numpy/scipy themselves (e.g. sklearn.tree._tree.Tree) are rebuilt
     # by skops from data; anything else would be user code, which we never load.
@@ -123,6 +126,11 @@ class SkopsConverter(Converter):
     def claims(cls, source: str) -> bool:
         path = Path(source)
         return path.is_file() and path.suffix.lower() == ".skops"
+
+    @classmethod
+    def precheck(cls, source: str) -> None:
+        check_size(source)
+        check_zip(Path(source), "skops file", _HOW_TO_SAVE)
 
     def export(self, source: str, workdir: Path, options: ConvertOptions) -> Export:
         model = load_skops(Path(source))

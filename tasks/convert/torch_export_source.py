@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bladeflow.contract import ModelArtifact
 from bladeflow.errors import ModelFileError
-from tasks.convert.base import Converter, Export, SourceRunner
+from tasks.convert.base import Converter, Export, SourceRunner, check_size, check_zip
 from tasks.convert.torch_common import (
     TorchRunner,
     export_module,
@@ -19,13 +20,17 @@ if TYPE_CHECKING:
     from tasks.convert.dispatch import ConvertOptions
 
 
+_HOW_TO_SAVE = "Save it with torch.export.save(torch.export.export(model, args), 'model.pt2')."
+
+
 def load_program(path: Path) -> Any:
     torch = import_torch("torch.export .pt2")
     if not path.is_file():
         raise ModelFileError(f"{path} does not exist or is not a file")
+    check_zip(path, "torch.export program (.pt2)", _HOW_TO_SAVE)
     try:
         return torch.export.load(str(path))  # a zip of serialized graph + weights, no pickle
-    except (RuntimeError, ValueError, KeyError, OSError) as exc:
+    except (RuntimeError, ValueError, KeyError, OSError, zipfile.BadZipFile) as exc:
         raise ModelFileError(
             f"{path} is not a readable torch.export program ({first_line(exc)}); save it with "
             "torch.export.save(torch.export.export(model, args), 'model.pt2')"
@@ -98,6 +103,11 @@ class TorchExportConverter(Converter):
     def claims(cls, source: str) -> bool:
         path = Path(source)
         return path.is_file() and path.suffix.lower() == ".pt2"
+
+    @classmethod
+    def precheck(cls, source: str) -> None:
+        check_size(source)
+        check_zip(Path(source), "torch.export program (.pt2)", _HOW_TO_SAVE)
 
     def export(self, source: str, workdir: Path, options: ConvertOptions) -> Export:
         torch = import_torch(self.format)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from bladeflow.contract import ModelArtifact
 from bladeflow.errors import ModelFileError
-from tasks.convert.base import Converter, Export, SourceRunner
+from tasks.convert.base import Converter, Export, SourceRunner, check_size
 from tasks.convert.torch_common import (
     TorchRunner,
     export_module,
@@ -71,6 +71,11 @@ class TorchScriptConverter(Converter):
     def claims(cls, source: str) -> bool:
         path = Path(source)
         return path.is_file() and path.suffix.lower() in SUFFIXES
+
+    @classmethod
+    def precheck(cls, source: str) -> None:
+        check_size(source)
+        check_torchscript(Path(source))
 
     def export(self, source: str, workdir: Path, options: ConvertOptions) -> Export:
         module = load_torchscript(Path(source))

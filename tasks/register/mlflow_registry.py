@@ -3,14 +3,24 @@
 One MLflow run per flow run. The chosen model is logged with ``mlflow.onnx.log_model`` and becomes
 a new version of the registered model, with the schema tags of :mod:`bladeflow.registry` set at
 creation and the ``candidate`` alias moved to it. If anything fails after the version exists, the
-version is deleted again: a half-registered version never stays behind.
+version is deleted again: a half-registered version never stays behind. A version gets
+``bladeflow.validated=true`` only once it is READY, and only then the alias; a process killed in
+between leaves a version without that tag, which the next run of the same model deletes when it
+marks the dead process's run KILLED (:func:`reap_stale_runs`).
+
+Every MLflow call fails with a :class:`RegistryError` (exit 4) within bounded time: MLflow's own
+HTTP retries default to 7 with backoff factor 2 (about 4 minutes per call against a stopped
+server); bladeflow lowers the defaults (see ``_HTTP_DEFAULTS``) unless the environment sets them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +29,65 @@ import numpy as np
 from bladeflow import registry
 from bladeflow.contract import Candidate, Signature
 from bladeflow.errors import RegistryError, UserInputError
+from bladeflow.faults import fault_point
+from bladeflow.redact import redact
 from bladeflow.settings import Settings
 
 _METRIC_SAFE = re.compile(r"[^A-Za-z0-9_\-. /]")
+
+# MLflow's HTTP retry defaults (7 retries, backoff factor 2) keep one call against a stopped
+# server busy for ~4 minutes; these give up after ~6-9 s (sleeps 0, 2, 4 s plus jitter). The
+# Prefect tasks around the MLflow calls retry on top. Set the variables to override.
+_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+TAG_OWNER = "bladeflow.owner"  # run tag: JSON {host, pid, started} of the process running it
 
 
 def client(settings: Settings) -> Any:
     """An MlflowClient for the settings' tracking and registry URIs."""
     from mlflow import MlflowClient
 
+    for key, value in _HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.registry_uri)
+
+
+@contextlib.contextmanager
+def mlflow_errors(settings: Settings, what: str) -> Iterator[None]:
+    """Turn a failure to reach MLflow or its artifact store into a RegistryError (exit 4)."""
+    try:
+        yield
+    except RegistryError:
+        raise
+    except Exception as exc:
+        if not _is_service_error(exc):
+            raise
+        detail = getattr(exc, "message", None) or str(exc)
+        raise RegistryError(
+            redact(
+                f"{what} failed: MLflow at {settings.tracking_uri} (or its artifact store) did "
+                f"not answer ({type(exc).__name__}: {detail[:600]}). Check that the tracking "
+                "server and the artifact store (S3) are running and reachable; nothing was "
+                "registered by this step."
+            )
+        ) from exc
+
+
+def _is_service_error(exc: BaseException) -> bool:
+    """Errors that mean "the server or the store is unusable", not "bladeflow has a bug"."""
+    from mlflow.exceptions import MlflowException
+
+    kinds: list[type[BaseException]] = [MlflowException, ConnectionError, TimeoutError]
+    with contextlib.suppress(ImportError):
+        import requests
+
+        kinds.append(requests.exceptions.RequestException)
+    with contextlib.suppress(ImportError):
+        from boto3.exceptions import Boto3Error
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        kinds += [Boto3Error, BotoCoreError, ClientError]
+    return isinstance(exc, tuple(kinds))
 
 
 def ensure_experiment(settings: Settings) -> str:
@@ -51,23 +110,120 @@ def ensure_experiment(settings: Settings) -> str:
             return str(exp.experiment_id)
     except MlflowException as exc:
         raise RegistryError(
-            f"cannot use MLflow at {settings.tracking_uri}: {exc.message}. Check --tracking-uri / "
-            "MLFLOW_TRACKING_URI and that the server is running."
+            redact(
+                f"cannot use MLflow at {settings.tracking_uri}: {exc.message}. Check "
+                "--tracking-uri / MLFLOW_TRACKING_URI and that the server is running."
+            )
         ) from exc
 
 
 def start_run(settings: Settings, model_name: str, params: dict[str, Any]) -> str:
-    """Create the MLflow run of one flow run and log its parameters; return the run id."""
-    c = client(settings)
-    run = c.create_run(
-        ensure_experiment(settings),
-        run_name=f"optimize-{model_name}",
-        tags={"bladeflow.model": model_name, "bladeflow.flow": "optimize"},
-    )
-    from mlflow.entities import Param
+    """Create the MLflow run of one flow run and log its parameters; return the run id.
 
-    c.log_batch(run.info.run_id, params=[Param(k, _param(v)) for k, v in params.items()])
+    Runs of ``model_name`` left RUNNING by a process that died first are marked KILLED.
+    """
+    experiment_id = ensure_experiment(settings)
+    with mlflow_errors(settings, "starting the MLflow run"):
+        reap_stale_runs(settings, model_name, experiment_id)
+        c = client(settings)
+        run = c.create_run(
+            experiment_id,
+            run_name=f"optimize-{model_name}",
+            tags={
+                "bladeflow.model": model_name,
+                "bladeflow.flow": "optimize",
+                TAG_OWNER: json.dumps(_owner(), sort_keys=True),
+            },
+        )
+        from mlflow.entities import Param
+
+        c.log_batch(run.info.run_id, params=[Param(k, _param(v)) for k, v in params.items()])
     return str(run.info.run_id)
+
+
+def reap_stale_runs(settings: Settings, model_name: str, experiment_id: str) -> list[str]:
+    """Mark optimize runs of ``model_name`` KILLED whose process is gone; return their ids.
+
+    A SIGKILLed (or OOM-killed) flow never ends its MLflow run, which then shows RUNNING forever.
+    Only runs owned by a process on this host that no longer exists are touched (a run of another
+    host, or a live concurrent run, is left alone). Versions such a run created but never
+    finished (no ``bladeflow.validated=true`` or not READY, and no alias) are deleted.
+    """
+    c = client(settings)
+    stale = c.search_runs(
+        [experiment_id],
+        filter_string=(
+            f"tags.`bladeflow.model` = '{model_name}' and tags.`bladeflow.flow` = 'optimize' "
+            "and attributes.status = 'RUNNING'"
+        ),
+        max_results=200,
+    )
+    reaped = []
+    for run in stale:
+        owner = run.data.tags.get(TAG_OWNER)
+        if not owner or _owner_alive(owner):
+            continue
+        run_id = run.info.run_id
+        aliased = _aliased_versions(c, model_name)
+        deleted = []
+        for mv in c.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'"):
+            complete = mv.status == "READY" and mv.tags.get(registry.TAG_VALIDATED) == "true"
+            if str(mv.version) not in aliased and not complete:
+                _delete_quietly(c, model_name, str(mv.version))
+                deleted.append(str(mv.version))
+        c.set_tag(run_id, "bladeflow.outcome", "killed")
+        c.set_tag(
+            run_id,
+            "bladeflow.reason",
+            f"the process that ran it ({owner}) is gone and never ended the run (killed, or "
+            f"MLflow was unreachable when it failed); marked KILLED by the next optimize run of "
+            f"{model_name!r}"
+            + (f"; deleted its unfinished version(s) {deleted}" if deleted else ""),
+        )
+        c.set_terminated(run_id, status="KILLED")
+        reaped.append(run_id)
+    return reaped
+
+
+def _aliased_versions(c: Any, name: str) -> set[str]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return {str(v) for v in c.get_registered_model(name).aliases.values()}
+    except MlflowException:
+        return set()
+
+
+def _owner() -> dict[str, Any]:
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "pid": pid, "started": _process_start(pid)}
+
+
+def _process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rpartition(")")[2].split()[19]
+
+
+def _owner_alive(owner: str) -> bool:
+    """Whether the process recorded in a run's owner tag may still run (unknown counts alive)."""
+    try:
+        info = json.loads(owner)
+        host, pid, started = info["host"], int(info["pid"]), info.get("started")
+    except (ValueError, KeyError, TypeError):
+        return True
+    if host != socket.gethostname():
+        return True  # cannot tell from here
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else
+    return started is None or _process_start(pid) in (None, started)
 
 
 def log_metrics(settings: Settings, run_id: str, metrics: dict[str, float]) -> None:
@@ -75,9 +231,10 @@ def log_metrics(settings: Settings, run_id: str, metrics: dict[str, float]) -> N
 
     now = _now_ms()
     items = [Metric(metric_name(k), float(v), now, 0) for k, v in metrics.items() if np.isfinite(v)]
-    c = client(settings)
-    for start in range(0, len(items), 500):  # MLflow caps a batch at 1000 entries
-        c.log_batch(run_id, metrics=items[start : start + 500])
+    with mlflow_errors(settings, "logging metrics"):
+        c = client(settings)
+        for start in range(0, len(items), 500):  # MLflow caps a batch at 1000 entries
+            c.log_batch(run_id, metrics=items[start : start + 500])
 
 
 def log_candidate_run(
@@ -92,35 +249,49 @@ def log_candidate_run(
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-    c = client(settings)
-    parent = c.get_run(parent_run_id)
-    run = c.create_run(
-        parent.info.experiment_id,
-        run_name=f"candidate-{candidate}",
-        tags={MLFLOW_PARENT_RUN_ID: parent_run_id, "bladeflow.candidate": candidate, **tags},
-    )
-    now = _now_ms()
-    c.log_batch(
-        run.info.run_id,
-        params=[Param(k, _param(v)) for k, v in params.items()],
-        metrics=[
-            Metric(metric_name(k), float(v), now, 0) for k, v in metrics.items() if np.isfinite(v)
-        ],
-        tags=[RunTag("bladeflow.gate", tags.get("bladeflow.gate", ""))],
-    )
-    c.set_terminated(run.info.run_id, status="FINISHED")
+    tags = {k: redact(v) for k, v in tags.items()}
+    with mlflow_errors(settings, f"logging candidate {candidate!r}"):
+        c = client(settings)
+        parent = c.get_run(parent_run_id)
+        run = c.create_run(
+            parent.info.experiment_id,
+            run_name=f"candidate-{candidate}",
+            tags={MLFLOW_PARENT_RUN_ID: parent_run_id, "bladeflow.candidate": candidate, **tags},
+        )
+        now = _now_ms()
+        c.log_batch(
+            run.info.run_id,
+            params=[Param(k, _param(v)) for k, v in params.items()],
+            metrics=[
+                Metric(metric_name(k), float(v), now, 0)
+                for k, v in metrics.items()
+                if np.isfinite(v)
+            ],
+            tags=[RunTag("bladeflow.gate", tags.get("bladeflow.gate", ""))],
+        )
+        c.set_terminated(run.info.run_id, status="FINISHED")
     return str(run.info.run_id)
 
 
 def log_artifacts(settings: Settings, run_id: str, folder: Path, artifact_path: str) -> None:
-    client(settings).log_artifacts(run_id, str(folder), artifact_path)
+    with mlflow_errors(settings, f"uploading {artifact_path}/ artifacts"):
+        client(settings).log_artifacts(run_id, str(folder), artifact_path)
 
 
-def end_run(settings: Settings, run_id: str, status: str, tags: dict[str, str]) -> None:
-    c = client(settings)
-    for key, value in tags.items():
-        c.set_tag(run_id, key, value)
-    c.set_terminated(run_id, status=status)
+def end_run(
+    settings: Settings, run_id: str, status: str, tags: dict[str, str], quiet: bool = False
+) -> None:
+    """Tag and terminate the run. ``quiet``: on the failure path, where the original error is
+    what the user needs, a registry that cannot be reached is not reported again."""
+    try:
+        with mlflow_errors(settings, "ending the MLflow run"):
+            c = client(settings)
+            for key, value in tags.items():
+                c.set_tag(run_id, key, redact(value))
+            c.set_terminated(run_id, status=status)
+    except RegistryError:
+        if not quiet:
+            raise
 
 
 def register(
@@ -152,7 +323,15 @@ def register(
     runtime_file = workdir / registry.RUNTIME_FILE
     runtime_file.write_text(json.dumps(candidate.session.model_dump(mode="json"), indent=2))
     try:
-        with mlflow.start_run(run_id=run_id):
+        # An explicit run_id and a logged model created in the run's experiment, not
+        # `with mlflow.start_run(run_id)`: leaving that block marks the run FINISHED, so a crash
+        # later in registration would leave a "successful" run without a version.
+        with mlflow_errors(settings, "logging the model"):
+            logged = c.create_logged_model(
+                experiment_id=c.get_run(run_id).info.experiment_id,
+                name="model",
+                source_run_id=run_id,
+            )
             info = mlflow.onnx.log_model(
                 onnx.load(candidate.artifact.path),
                 name="model",
@@ -162,29 +341,41 @@ def register(
                 onnx_execution_providers=list(candidate.session.providers),
                 extra_files=_extra_files(runtime_file, candidate),
                 save_as_external_data=candidate.artifact.size_bytes > (1 << 30),
+                run_id=run_id,
+                model_id=logged.model_id,
             )
-        _ensure_registered_model(c, name)
+        fault_point("register.model_logged")
+        with mlflow_errors(settings, f"creating registered model {name!r}"):
+            _ensure_registered_model(c, name)
     except MlflowException as exc:
         raise RegistryError(f"logging the model to MLflow failed: {exc.message}") from exc
 
+    # validated=true goes on last, once the version is READY: until then the version is visibly
+    # unfinished (and deleted again by this function or, after a crash, by reap_stale_runs).
+    validated = tags.get(registry.TAG_VALIDATED)
+    pending = {k: redact(v) for k, v in tags.items() if k != registry.TAG_VALIDATED}
     version = None
     try:
-        mv = c.create_model_version(
-            name=name,
-            source=info.model_uri,
-            run_id=run_id,
-            tags=tags,
-            description=description,
-            model_id=info.model_id,
-        )
-        version = str(mv.version)
-        _await_ready(c, name, version)
-        c.set_registered_model_alias(name, registry.ALIAS_CANDIDATE, version)
-    except BaseException as exc:
+        with mlflow_errors(settings, f"registering {name!r}"):
+            mv = c.create_model_version(
+                name=name,
+                source=info.model_uri,
+                run_id=run_id,
+                tags=pending,
+                description=description,
+                model_id=info.model_id,
+            )
+            version = str(mv.version)
+            fault_point("register.version_created")
+            _await_ready(c, name, version)
+            if validated is not None:
+                c.set_model_version_tag(name, version, registry.TAG_VALIDATED, validated)
+            fault_point("register.validated")
+            c.set_registered_model_alias(name, registry.ALIAS_CANDIDATE, version)
+            fault_point("register.alias_set")
+    except BaseException:
         if version is not None:
             _delete_quietly(c, name, version)
-        if isinstance(exc, MlflowException):
-            raise RegistryError(f"registering {name!r} failed: {exc.message}") from exc
         raise
     return version, f"models:/{name}/{version}"
 
@@ -242,11 +433,13 @@ def _await_ready(c: Any, name: str, version: str, timeout_s: float = 300) -> Non
 
 
 def _delete_quietly(c: Any, name: str, version: str) -> None:
-    from mlflow.exceptions import MlflowException
-
-    # The original error is what the user needs; a leftover would carry no alias anyway.
-    with contextlib.suppress(MlflowException):
+    # The original error is what the user needs; a leftover carries no alias and no
+    # validated=true, and the next run deletes it (reap_stale_runs).
+    try:
         c.delete_model_version(name, version)
+    except Exception as exc:
+        if not _is_service_error(exc):
+            raise
 
 
 def _mlflow_signature(sig: Signature) -> Any:
@@ -286,7 +479,7 @@ def _mlflow_session_options(candidate: Candidate) -> dict[str, Any]:
 
 def _param(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
-    return text[:6000]  # MLflow's param value limit
+    return redact(text)[:6000]  # MLflow's param value limit
 
 
 def _now_ms() -> int:

@@ -6,6 +6,7 @@ batch axis; when it is fixed (say 1), samples are fed in chunks of that size.
 
 from __future__ import annotations
 
+import os
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,96 @@ Dataset = dict[str, np.ndarray]
 DEFAULT_SYNTHETIC_SAMPLES = 16
 DEFAULT_DYNAMIC_DIM = 16  # e.g. a sequence length: real queries are short
 _INT_HIGH = 10  # synthetic integer inputs stay small: they are often indices (token ids)
+
+ENV_MAX_DATA_BYTES = "BLADEFLOW_MAX_DATA_BYTES"
+DEFAULT_MAX_DATA_BYTES = 4 << 30  # 4 GiB: validation data is loaded into memory whole
+
+
+def max_data_bytes() -> int:
+    """The most bytes of validation arrays bladeflow loads (``BLADEFLOW_MAX_DATA_BYTES``,
+    default 4 GiB): every stage holds the data in memory, so more would exhaust it."""
+    raw = os.environ.get(ENV_MAX_DATA_BYTES, "")
+    try:
+        return int(raw) if raw.strip() else DEFAULT_MAX_DATA_BYTES
+    except ValueError:
+        raise DataError(f"{ENV_MAX_DATA_BYTES}={raw!r} is not a number of bytes") from None
+
+
+def check_array_files(path: str | Path) -> None:
+    """Read only the headers of a ``.npz`` / ``.npy`` (or a folder of ``.npy``) and refuse, before
+    anything is allocated: object arrays (pickles), arrays whose header claims more bytes than the
+    file holds (truncated or crafted), and a total over :func:`max_data_bytes`. Other kinds are
+    checked by their on-disk size only.
+
+    Raises:
+        DataError: with the array, what its header claims and what the file holds.
+    """
+    p = Path(path)
+    limit = max_data_bytes()
+    declared: list[tuple[str, int, int]] = []  # (name, declared bytes, stored bytes)
+    try:
+        if p.is_dir():
+            for f in sorted(p.glob("*.npy")):
+                with f.open("rb") as fh:
+                    declared.append((f.name, *_npy_sizes(fh, f.stat().st_size, f.name)))
+        elif p.suffix.lower() == ".npz" and p.is_file():
+            with zipfile.ZipFile(p) as zf:
+                for info in zf.infolist():
+                    with zf.open(info) as fh:
+                        sizes = _npy_sizes(fh, info.file_size, info.filename)
+                        declared.append((info.filename, *sizes))
+        elif p.suffix.lower() == ".npy" and p.is_file():
+            with p.open("rb") as fh:
+                declared.append((p.name, *_npy_sizes(fh, p.stat().st_size, p.name)))
+        elif p.is_file() and p.stat().st_size > limit:
+            raise DataError(
+                f"validation data {p} is {human_bytes(p.stat().st_size)}, over the limit of "
+                f"{human_bytes(limit)} ({ENV_MAX_DATA_BYTES}); use a smaller sample"
+            )
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise DataError(f"cannot read validation data {p}: {exc}") from exc
+    for name, want, have in declared:
+        if want > have:
+            raise DataError(
+                f"validation data {p}: array {name} claims {want} bytes in its header but the file "
+                f"holds {have}: it is truncated or corrupt; save it again with numpy.savez"
+            )
+    total = sum(want for _, want, _ in declared)
+    if total > limit:
+        raise DataError(
+            f"validation data {p} declares {human_bytes(total)} of arrays, over the limit "
+            f"of {human_bytes(limit)} ({ENV_MAX_DATA_BYTES}=<bytes> raises it): use a "
+            "smaller validation sample"
+        )
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'; 17179869184 -> '16.0 GiB'."""
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _npy_sizes(fh: object, stored: int, name: str) -> tuple[int, int]:
+    """(bytes the .npy header declares, bytes of array data the member actually stores)."""
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(fh)  # type: ignore[arg-type]
+        reader = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, _, dtype = reader(fh)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise DataError(f"array {name} is not a readable .npy ({exc})") from exc
+    if dtype.hasobject:
+        raise DataError(
+            f"array {name} holds Python objects (a pickle); bladeflow never unpickles data: store "
+            "numeric or string arrays"
+        )
+    count = 1
+    for dim in shape:
+        count *= int(dim)
+    return count * dtype.itemsize, stored - fh.tell()  # type: ignore[attr-defined]
 
 
 def load_npz(path: str | Path, signature: Signature) -> Dataset:
@@ -36,6 +127,7 @@ def load_npz(path: str | Path, signature: Signature) -> Dataset:
             f"validation data {p} is not a .npz file; save arrays named after the model inputs "
             "with numpy.savez(path, **{name: array})"
         )
+    check_array_files(p)
     try:
         with np.load(p, allow_pickle=False) as npz:
             data = {k: np.asarray(npz[k]) for k in npz.files}

@@ -187,7 +187,7 @@ def accuracy_gate(
         metric = compare_metric(policy.metric, reference[out], outputs[out], labels)
 
     per_output = {n: _summary(table, n, policy.for_output(n)) for n in compared}
-    reasons = list(shape_problems)
+    reasons = list(shape_problems) + source_nonfinite(reference)
     for name, acc in per_output.items():
         if acc.failing_samples:
             tol = policy.for_output(name)
@@ -206,7 +206,12 @@ def accuracy_gate(
         reasons.append("failed expectations: " + suite.failed_names())
     if metric is not None and not metric.passed:
         reasons.append(metric.describe())
-    passed = suite.success and not shape_problems and (metric is None or metric.passed)
+    passed = (
+        suite.success
+        and not shape_problems
+        and not source_nonfinite(reference)
+        and (metric is None or metric.passed)
+    )
     report = AccuracyReport(
         candidate=candidate,
         passed=passed,
@@ -215,6 +220,26 @@ def accuracy_gate(
         synthetic_data=synthetic_data,
     )
     return GateOutcome(report=report, table=table, suite=suite, metric=metric)
+
+
+def source_nonfinite(reference: dict[str, np.ndarray]) -> list[str]:
+    """Why the source's own outputs cannot be judged: NaN/inf on validation samples.
+
+    A candidate that reproduces a NaN would "match" it, and a model that outputs NaN is not one
+    to register: every candidate fails the gate (exit 3) with this reason.
+    """
+    problems = []
+    for name, ref in reference.items():
+        if not np.issubdtype(ref.dtype, np.floating) or ref.ndim == 0:
+            continue
+        bad = ~np.isfinite(ref.reshape(ref.shape[0], -1)).all(axis=1)
+        if bad.any():
+            problems.append(
+                f"the source model itself outputs NaN/inf in {name!r} for {int(bad.sum())}/"
+                f"{bad.size} validation samples (first: sample {int(np.argmax(bad))}); such "
+                "outputs cannot be compared: fix the model or leave those inputs out of the data"
+            )
+    return problems
 
 
 class StepError(BaseModel):

@@ -19,7 +19,7 @@ import numpy as np
 
 from bladeflow.contract import Signature
 from bladeflow.errors import DataError
-from tasks.validate.data import Dataset
+from tasks.validate.data import Dataset, check_array_files
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -59,6 +59,7 @@ def load_data(
             turned into the model's inputs.
     """
     p = Path(path)
+    check_array_files(p)  # headers and sizes first: nothing huge or truncated gets allocated
     if p.is_dir():
         arrays = _read_npy_folder(p)
         return _split_labels(arrays, signature, label_column, str(p))
