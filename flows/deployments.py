@@ -6,10 +6,13 @@ pool if it is missing and registers, from this source tree:
 - ``optimize/optimize``: the optimize flow; its parameters are the typed ``OptimizeParams``, so the
   Prefect UI shows a form;
 - ``nightly-reoptimize/nightly-reoptimize``: re-optimization of opted-in models on a cron schedule;
-- ``optimize/optimize-on-<pool>`` for each ``--target-pool``: the same flow on a pool whose workers
-  sit on the target hardware, so its benchmark measures that hardware.
+- ``release/release``: the staged gray release of one validated version (typed ``ReleaseParams``);
+- ``benchmark/benchmark-on-<pool>`` for the work pool and each ``--target-pool``: the benchmark
+  alone, which the optimize flow starts when its ``benchmark_work_pool`` names that pool, so the
+  numbers come from the pool's hardware (e.g. GPU workers) while the rest runs anywhere;
+- ``optimize/optimize-on-<pool>`` for each ``--target-pool``: the whole optimize flow on that pool.
 
-To add a deployment (e.g. the release flow), add a :class:`DeploymentSpec` to :data:`DEPLOYMENTS`.
+To add a deployment, add a :class:`DeploymentSpec` to :data:`DEPLOYMENTS`.
 """
 
 from __future__ import annotations
@@ -22,8 +25,11 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+from flows.benchmark import deployment_name
+
 OPTIMIZE = "optimize"
 NIGHTLY = "nightly-reoptimize"
+RELEASE = "release"
 DEFAULT_CRON = "0 2 * * *"
 
 
@@ -55,10 +61,23 @@ DEPLOYMENTS: list[DeploymentSpec] = [
         "search space, tools or hardware changed; keep a new version only if it is faster.",
         scheduled=True,
     ),
-    # Release hook: the release engineer adds
-    # DeploymentSpec(name="release", flow_name="release",
-    #                entrypoint="flows/release.py:release_flow", description=...)
+    DeploymentSpec(
+        name=RELEASE,
+        flow_name="release",
+        entrypoint="flows/release.py:release_flow",
+        description="Staged gray release of one validated version: shadow, canary steps gated "
+        "on live metrics, champion; rollback on any failed gate.",
+    ),
 ]
+
+# Deployed once per work pool as benchmark-on-<pool> (see flows/benchmark.py).
+BENCHMARK = DeploymentSpec(
+    name="benchmark",
+    flow_name="benchmark",
+    entrypoint="flows/benchmark.py:benchmark_flow",
+    description="Time candidate models on this pool's hardware; started by the optimize flow "
+    "when its benchmark_work_pool names this pool.",
+)
 
 
 def project_root() -> Path:
@@ -126,7 +145,9 @@ def deploy_all(
     timezone: str = "UTC",
     target_pools: Sequence[str] = (),
 ) -> dict[str, UUID]:
-    """Register every deployment in :data:`DEPLOYMENTS`, plus ``optimize-on-<pool>`` per target.
+    """Register :data:`DEPLOYMENTS` and ``benchmark-on-<pool>`` on ``work_pool``, and both
+    ``benchmark-on-<pool>`` and ``optimize-on-<pool>`` on each target pool (which must exist or
+    is created as a process pool).
 
     Returns:
         ``"flow/deployment"`` -> deployment id.
@@ -135,7 +156,12 @@ def deploy_all(
     ids: dict[str, UUID] = {}
     for spec in DEPLOYMENTS:
         ids[f"{spec.flow_name}/{spec.name}"] = deploy(spec, work_pool, cron, timezone)
+    for pool in target_pools:
+        ensure_work_pool(pool)
     optimize = next(s for s in DEPLOYMENTS if s.name == OPTIMIZE)
+    for pool in dict.fromkeys([work_pool, *target_pools]):
+        name = deployment_name(pool)
+        ids[f"{BENCHMARK.flow_name}/{name}"] = deploy(BENCHMARK, pool, name=name)
     for pool in target_pools:
         name = f"{OPTIMIZE}-on-{pool}"
         ids[f"{optimize.flow_name}/{name}"] = deploy(optimize, pool, name=name)
@@ -176,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--target-pool",
         action="append",
         default=[],
-        help="also deploy optimize-on-POOL on this existing pool (repeatable)",
+        help="also deploy benchmark-on-POOL and optimize-on-POOL on this pool (repeatable)",
     )
     args = parser.parse_args(argv)
     ids = deploy_all(args.work_pool, args.cron, args.timezone, args.target_pool)

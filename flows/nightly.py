@@ -332,7 +332,10 @@ def _release(deployment: str, name: str, version: str) -> bool:
 
     try:
         run_deployment(
-            deployment, parameters={"name": name, "version": version}, timeout=0, as_subflow=True
+            deployment,
+            parameters={"params": {"name": name, "version": version}},
+            timeout=0,
+            as_subflow=True,
         )
     except ObjectNotFound:
         get_run_logger().warning("release deployment %r is not registered", deployment)

@@ -8,6 +8,9 @@ session's in-process Prefect test harness.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -149,6 +152,60 @@ def test_nightly_deployment_second_run_skips(live_stack: StackConfig):
     assert "| mlp-live | not_improved |" in first_md
     assert "| mlp-live | skipped |" in second_md and "nothing changed" in second_md
     assert [str(v.version) for v in c.search_model_versions("name='mlp-live'")] == ["1"]
+
+
+def test_benchmark_runs_on_the_work_pool_the_parameter_names(live_stack: StackConfig):
+    # setup: a second pool ("the GPU machines") with its own worker, and a pool nobody polls
+    env = stack.service_env(live_stack)
+    deploy = [sys.executable, "-m", "flows.deployments", "--work-pool", live_stack.work_pool]
+    deploy += ["--target-pool", "gpu-sim", "--target-pool", "nobody"]
+    subprocess.run(deploy, env=env, check=True, capture_output=True, timeout=300)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "worker", "start", "--pool", "gpu-sim"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    src = models.mlp(live_stack.home / "sources" / "mlp-pool.onnx", seed=5)
+    params = {"source": str(src), "name": "mlp-pool", "batch_sizes": [1], "bench": _bench()}
+    params["passes"] = "ort_graph:level=all"
+    try:
+        # execute: the optimize flow on the default pool, its benchmark on gpu-sim
+        on_gpu = {**params, "benchmark_work_pool": "gpu-sim"}
+        run = _run_deployment(live_stack, "optimize/optimize", {"params": on_gpu})
+        stranded = _run_deployment(
+            live_stack,
+            "optimize/optimize",
+            {
+                "params": {
+                    **params,
+                    "name": "mlp-nobody",
+                    "benchmark_work_pool": "nobody",
+                    "benchmark_timeout_s": 20,
+                }
+            },
+        )
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(timeout=60)
+    # assert: registered, timed by a flow run of benchmark-on-gpu-sim on the gpu-sim pool
+    assert run["state"]["type"] == "COMPLETED", run["state"].get("message")
+    c = MlflowClient(live_stack.mlflow_url, live_stack.mlflow_url)
+    mv = c.get_model_version_by_alias("mlp-pool", "candidate")
+    assert c.get_run(mv.run_id).data.tags["bladeflow.benchmark_pool"] == "gpu-sim"
+    body = {"flow_runs": {"parent_task_run_id": {"is_null_": False}}}
+    children = [
+        fr
+        for fr in _api(live_stack, "POST", "/flow_runs/filter", body)
+        if fr.get("work_pool_name") in ("gpu-sim", "nobody")
+    ]
+    by_pool = {fr["work_pool_name"]: fr["state"]["type"] for fr in children}
+    assert by_pool == {"gpu-sim": "COMPLETED", "nobody": "CANCELLED"}, by_pool
+    # assert: no worker on the pool -> a clear failure after the timeout, nothing registered
+    assert stranded["state"]["type"] == "FAILED"
+    assert "prefect worker start --pool nobody" in stranded["state"]["message"]
+    assert not c.search_model_versions("name='mlp-nobody'")
 
 
 def test_stopped_mlflow_fails_the_run_clearly_and_registers_nothing(live_stack: StackConfig):
