@@ -31,6 +31,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+# `optimize --must-beat`: the chosen candidate was not faster than that version; nothing registered.
+EXIT_NOT_IMPROVED = 6
+
 HOME_OPTION = typer.Option(
     None,
     "--home",
@@ -122,7 +125,8 @@ def optimize(
         None,
         "--passes",
         help="Candidate recipes instead of the preset's: ',' between recipes, '+' between "
-        "passes, ':' then key=value;... for options. E.g. 'ort_graph:level=all'.",
+        "passes, ':' then key=value;... for options, '|' between list items. E.g. "
+        "'ort_graph:level=all', 'int8_static:op_types=Conv|MatMul'.",
     ),
     preset: str = typer.Option("cpu", "--preset", help="Which recipes to try (cpu)."),
     model_format: str | None = typer.Option(
@@ -151,7 +155,9 @@ def optimize(
     target_opset: int | None = typer.Option(
         None, "--target-opset", help="ONNX opset to export to, or to upgrade an ONNX model to."
     ),
-    atol: float = typer.Option(1e-4, "--atol", help="Absolute error allowed per element."),
+    atol: float = typer.Option(
+        1e-4, "--atol", "--max-abs-error", help="Absolute error allowed per element."
+    ),
     rtol: float = typer.Option(1e-3, "--rtol", help="Error allowed relative to |source|."),
     min_cosine: float = typer.Option(
         0.999, "--min-cosine", help="Lowest per-sample cosine similarity to the source."
@@ -162,6 +168,21 @@ def optimize(
         help="Seconds accuracy recovery may spend per recipe keeping sensitive nodes in fp32.",
     ),
     bench_rounds: int = typer.Option(5, "--bench-rounds", help="Interleaved benchmark rounds."),
+    benchmark_work_pool: str | None = typer.Option(
+        None,
+        "--benchmark-work-pool",
+        help="Run the benchmark on this Prefect work pool (workers on the target hardware, via "
+        "its benchmark-on-POOL deployment); needs a Prefect server (PREFECT_API_URL).",
+    ),
+    must_beat: str | None = typer.Option(
+        None,
+        "--must-beat",
+        help="Register only if faster than this version of --name (number or alias, e.g. "
+        "champion), timed in the same benchmark; else exit 6 with nothing registered.",
+    ),
+    min_speedup: float = typer.Option(
+        1.0, "--min-speedup", help="With --must-beat: the speedup required at the objective."
+    ),
     bench_iterations: int = typer.Option(
         20, "--bench-iterations", help="Timed runs per model, batch size and round."
     ),
@@ -188,7 +209,7 @@ def optimize(
     Exit codes: 0 registered (and released, with --release); 2 bad input (nothing registered);
     3 no candidate passed the accuracy gate (nothing registered; the MLflow run records why),
     or with --release the release was rolled back; 4 MLflow unusable; 5 another release of the
-    model is in progress.
+    model is in progress; 6 with --must-beat, not faster than that version (nothing registered).
     """
     settings = _settings(home, tracking_uri)
     settings.apply()
@@ -213,6 +234,9 @@ def optimize(
             preset=preset,
             tolerance={"atol": atol, "rtol": rtol, "min_cosine": min_cosine},
             bench={"rounds": bench_rounds, "iterations": bench_iterations},
+            benchmark_work_pool=benchmark_work_pool,
+            must_beat=must_beat,
+            min_speedup=min_speedup,
             tracking_uri=settings.tracking_uri,
         )
         _preflight(params)
@@ -223,6 +247,8 @@ def optimize(
         typer.echo(result.model_dump_json(indent=2))
     else:
         _print_result(result, settings)
+    if result.outcome == "not_improved":
+        raise typer.Exit(EXIT_NOT_IMPROVED)
     if release:
         release_cli.start(
             name=result.name,
@@ -467,6 +493,13 @@ def _print_result(result: Any, settings: Settings) -> None:
 
     if result.synthetic_data:
         typer.echo("NOTE: accuracy was judged on synthetic inputs; pass --data for a real verdict.")
+    if result.outcome == "not_improved":
+        typer.echo(
+            f"\nNothing registered: the best candidate, {result.candidate}, is "
+            f"x{result.incumbent_speedup} version {result.incumbent_version} (--must-beat) at "
+            f"the objective, below --min-speedup. MLflow run {result.run_id} has the details."
+        )
+        return
     typer.echo(
         f"\nRegistered {result.model_uri} (alias 'candidate'), chosen recipe: "
         f"{result.candidate}; MLflow run {result.run_id}\n"

@@ -156,3 +156,31 @@ def test_optimize_json_registers_a_version(tmp_path: Path):
     assert set(result["latency_ms"]["source"]) == {"1"}  # fixed batch: 8 and 32 skipped
     assert "register" in out.stderr  # progress went to stderr
     assert _registered(home) == ["fresh"]
+    # execute: re-optimize, demanding an impossible speedup over v1
+    again = _run(
+        [
+            "optimize",
+            str(src),
+            "--name",
+            "fresh",
+            "--must-beat",
+            "1",
+            "--min-speedup",
+            "1000",
+            "--passes",
+            "ort_graph:level=all",
+            "--bench-rounds",
+            "2",
+            "--bench-iterations",
+            "3",
+        ],
+        home,
+    )
+    # assert: exit 6, said why, nothing new registered
+    assert again.returncode == 6, again.stderr[-3000:]
+    assert "Nothing registered" in again.stdout and "--must-beat" in again.stdout
+    from mlflow import MlflowClient
+
+    db = f"sqlite:///{home / 'mlflow.db'}"
+    versions = MlflowClient(db, db).search_model_versions("name='fresh'")
+    assert [str(v.version) for v in versions] == ["1"]
