@@ -28,7 +28,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 RESULTS = Path(__file__).parent / "results"
 GATE_COSINE = 0.99
-PEAK_GFLOPS = 64.0  # fp32 FMA peak of 2 AVX2 cores (2 x 2 FMA x 8 lanes x 2 flops x ~1 GHz)
+# The issue assumed ~64 GFLOP/s for 2 cores; measured here, ORT sustains ~100 GFLOP/s fp32 on
+# MiniLM, so a constant is not a ceiling. The bench measures one: a large fp32 SGEMM (numpy's BLAS,
+# all cores), the best dense fp32 throughput this machine gives right now.
+SGEMM_N = 1536
 LAYERS, HIDDEN, FFN = 6, 384, 1536
 BATCHES = (1, 8, 32)
 VAL_SHORT, VAL_LONG = 120, 16  # validation samples: short sentences, 128-token texts
@@ -109,6 +112,20 @@ def flops(feeds: dict[str, np.ndarray]) -> float:
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     return (a64 * b64).sum(1) / (np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1))
+
+
+def sgemm_gflops(rounds: int = 7) -> float:
+    """Median GFLOP/s of an fp32 N x N x N matmul: this machine's practical fp32 ceiling."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((SGEMM_N, SGEMM_N), dtype=np.float32)
+    b = rng.standard_normal((SGEMM_N, SGEMM_N), dtype=np.float32)
+    a @ b  # warm-up (threads, caches)
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * SGEMM_N**3 / statistics.median(times) / 1e9
 
 
 def torch_runner(embedder: Any) -> Runner:
@@ -325,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             iters = max(1, min(20, int(400 / per_call)))  # keep each round short
             ms = interleaved(variants, feeds, rounds, iters)
             gflop = statistics.mean(flops(f) for f in feeds) / 1e9
+            peak = sgemm_gflops(3)  # re-measured per row: the neighbours' load changes
             for name, value in ms.items():
                 table.append(
                     {
@@ -334,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
                         "p50_ms": value,
                         "speedup_vs_eager": ms["pytorch-eager"] / value,
                         "gflops_per_s": gflop / (value / 1000),
-                        "peak_fraction": gflop / (value / 1000) / PEAK_GFLOPS,
+                        "sgemm_gflops": peak,
+                        "peak_fraction": gflop / (value / 1000) / peak,
                     }
                 )
             log(f"{kind} b{batch}: " + ", ".join(f"{n} {v:.1f}ms" for n, v in ms.items()))
@@ -353,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"\n{'texts':7} {'batch':>5}  {'variant':42} {'p50 ms':>9} {'x eager':>8} "
-        f"{'GFLOP/s':>8} {'%peak':>6}"
+        f"{'GFLOP/s':>8} {'%sgemm':>6}"
     )
     for row in table:
         print(
@@ -361,6 +380,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['speedup_vs_eager']:8.2f} {row['gflops_per_s']:8.1f} "
             f"{100 * row['peak_fraction']:5.0f}%"
         )
+    sgemm = statistics.median(row["sgemm_gflops"] for row in table)
+    print(
+        f"GFLOP/s counts the model's fp32-equivalent work (int8 rows too); %sgemm compares it with "
+        f"a {SGEMM_N}^3 fp32 SGEMM measured beside each row (median {sgemm:.0f} GFLOP/s)."
+    )
     print(f"\n{'variant':42} {'min cos short':>14} {'min cos 128tok':>15}  gate>={GATE_COSINE}")
     for name, acc in accuracy.items():
         ok = min(acc.values()) >= GATE_COSINE
