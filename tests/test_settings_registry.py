@@ -90,3 +90,28 @@ def test_import_does_not_load_heavy_frameworks_or_touch_home(tmp_path: Path):
     # assert
     assert out.stdout.strip() == ""
     assert list(tmp_path.iterdir()) == [] or not (tmp_path / ".prefect").exists()
+
+
+def test_an_s3_experiment_without_credentials_fails_before_any_work(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # setup: the experiment `bladeflow up` would have made (artifacts in its bucket), and a shell
+    # without the stack's environment
+    from mlflow import MlflowClient
+
+    from bladeflow.errors import RegistryError
+    from tasks.register.mlflow_registry import ensure_experiment
+
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    c = MlflowClient(settings.tracking_uri, settings.registry_uri)
+    c.create_experiment(settings.experiment, artifact_location="s3://bladeflow/artifacts")
+    # execute / assert
+    with pytest.raises(RegistryError, match=r"stack/env.sh.*Nothing was registered"):
+        ensure_experiment(settings)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    assert ensure_experiment(settings)  # with credentials it is usable

@@ -98,6 +98,7 @@ def ensure_experiment(settings: Settings) -> str:
     try:
         exp = c.get_experiment_by_name(settings.experiment)
         if exp is not None:
+            _check_artifact_store(settings, exp.artifact_location)
             return str(exp.experiment_id)
         try:
             return str(
@@ -115,6 +116,27 @@ def ensure_experiment(settings: Settings) -> str:
                 "--tracking-uri / MLFLOW_TRACKING_URI and that the server is running."
             )
         ) from exc
+
+
+def _check_artifact_store(settings: Settings, location: str) -> None:
+    """Fail before any work when the experiment's S3 artifact store has no credentials here.
+
+    Typical case: ``bladeflow up`` created the experiment (artifacts in its S3 bucket), the stack
+    is down, and the CLI now talks to the database directly without the stack's environment.
+    """
+    if not location.startswith("s3://"):
+        return
+    import boto3
+
+    if boto3.session.Session().get_credentials() is not None:
+        return
+    raise RegistryError(
+        f"experiment {settings.experiment!r} at {redact(settings.tracking_uri)} keeps its "
+        f"artifacts in {location}, and no AWS credentials are set here. If `bladeflow up` "
+        "created it, start the stack and `source <home>/stack/env.sh` (it sets the S3 endpoint "
+        "and keys); otherwise set AWS credentials and MLFLOW_S3_ENDPOINT_URL, or choose another "
+        "experiment with BLADEFLOW_EXPERIMENT. Nothing was registered."
+    )
 
 
 def start_run(settings: Settings, model_name: str, params: dict[str, Any]) -> str:

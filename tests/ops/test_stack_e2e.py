@@ -218,7 +218,7 @@ def test_stopped_mlflow_fails_the_run_clearly_and_registers_nothing(live_stack: 
     # assert: failed, and the message says what to check
     assert run["state"]["type"] == "FAILED"
     assert f"cannot use MLflow at {live_stack.mlflow_url}" in run["state"]["message"]
-    db = f"sqlite:///{live_stack.home / 'mlflow.db'}"
+    db = f"sqlite:///{live_stack.run_dir / 'mlflow.db'}"
     local = MlflowClient(db, db)
     assert [m.name for m in local.search_registered_models()] == ["mlp-live"]
 
