@@ -413,13 +413,13 @@ def _preflight(params: Any) -> None:
     if params.data:
         check_array_files(params.data)  # headers only: nothing huge or truncated is allocated
     _check_tracking_server(params.tracking_uri)
+    if fmt == "onnx":  # other formats are loaded by their converter, which needs the framework
+        with tempfile.TemporaryDirectory(prefix="bladeflow-preflight-") as tmp:
+            model = load_onnx_source(params.source, Path(tmp))
+            if params.data and params.data.endswith(".npz"):
+                load_npz(params.data, model.signature)
+    # Last: bad input is reported without touching the registry (this may create the database).
     _check_experiment(params.tracking_uri)
-    if fmt != "onnx":
-        return  # other formats are loaded by their converter, which needs the framework
-    with tempfile.TemporaryDirectory(prefix="bladeflow-preflight-") as tmp:
-        model = load_onnx_source(params.source, Path(tmp))
-        if params.data and params.data.endswith(".npz"):
-            load_npz(params.data, model.signature)
 
 
 # An unreachable tracking server fails in ~3 s (three tries, 1 s and 2 s apart) instead of after
