@@ -60,10 +60,8 @@ def benchmark_flow(request: BenchmarkRequest) -> dict[str, Any]:
     import mlflow.artifacts
     from mlflow import MlflowClient
 
-    from bladeflow.contract import ModelArtifact, Provenance
-    from bladeflow.hashing import sha256_path
+    from tasks.benchmark.incumbent import onnx_artifact
     from tasks.benchmark.latency import BenchmarkSettings, benchmark
-    from tasks.convert.onnx_source import signature_of
 
     logger = get_run_logger()
     here = hardware()
@@ -81,20 +79,15 @@ def benchmark_flow(request: BenchmarkRequest) -> dict[str, Any]:
                 )
             )
 
-        import onnx
-
-        models = {}
-        for label, remote in request.models.items():
-            path = fetch(remote.artifact_path)
-            artifact = ModelArtifact(
-                path=str(path),
-                format="onnx",
-                sha256=sha256_path(path),
-                size_bytes=path.stat().st_size,
-                signature=signature_of(onnx.load(str(path), load_external_data=False)),
-                provenance=Provenance(source=f"runs:/{request.run_id}/{remote.artifact_path}"),
+        models = {
+            label: (
+                onnx_artifact(
+                    fetch(remote.artifact_path), f"runs:/{request.run_id}/{remote.artifact_path}"
+                ),
+                remote.session,
             )
-            models[label] = (artifact, remote.session)
+            for label, remote in request.models.items()
+        }
         with np.load(fetch(request.data_path), allow_pickle=False) as npz:
             data = {k: npz[k] for k in npz.files}
         started = time.perf_counter()

@@ -9,28 +9,22 @@ benchmark it together with the candidates.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from bladeflow import registry
 from bladeflow.contract import ModelArtifact, Provenance, SessionConfig
 from bladeflow.errors import UserInputError
 from bladeflow.hashing import sha256_path
 from bladeflow.settings import Settings
+from tasks.register.mlflow_registry import client
 
 INCUMBENT = "incumbent"  # its label in the benchmark report
-
-
-def _client(settings: Settings) -> Any:
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.registry_uri)
 
 
 def resolve_version(settings: Settings, name: str, ref: str) -> str:
     """The version number ``ref`` (a number or an alias such as ``champion``) names."""
     from mlflow.exceptions import MlflowException
 
-    c = _client(settings)
+    c = client(settings)
     try:
         if ref.isdigit():
             return str(c.get_model_version(name, ref).version)
@@ -42,16 +36,29 @@ def resolve_version(settings: Settings, name: str, ref: str) -> str:
         ) from exc
 
 
+def onnx_artifact(path: Path, source: str) -> ModelArtifact:
+    """A ModelArtifact for an ONNX file on disk (signature read from the graph, weights not)."""
+    import onnx
+
+    from tasks.convert.onnx_source import signature_of
+
+    return ModelArtifact(
+        path=str(path),
+        format="onnx",
+        sha256=sha256_path(path),
+        size_bytes=path.stat().st_size,
+        signature=signature_of(onnx.load(str(path), load_external_data=False)),
+        provenance=Provenance(source=source),
+    )
+
+
 def download_version(
     settings: Settings, name: str, version: str, folder: Path
 ) -> tuple[ModelArtifact, SessionConfig]:
     """Download version ``version`` of ``name``; return its ONNX file and recorded session."""
     import mlflow.artifacts
-    import onnx
 
-    from tasks.convert.onnx_source import signature_of
-
-    c = _client(settings)
+    c = client(settings)
     local = Path(
         mlflow.artifacts.download_artifacts(
             # Not models:/...: that would resolve through the process-wide registry URI.
@@ -60,15 +67,6 @@ def download_version(
             tracking_uri=settings.tracking_uri,
         )
     )
-    path = local / "model.onnx"
     mv = c.get_model_version(name, version)
     session = registry.session_from_recipe(mv.tags.get(registry.TAG_RECIPE, "[]"))
-    artifact = ModelArtifact(
-        path=str(path),
-        format="onnx",
-        sha256=sha256_path(path),
-        size_bytes=path.stat().st_size,
-        signature=signature_of(onnx.load(str(path), load_external_data=False)),
-        provenance=Provenance(source=f"models:/{name}/{version}"),
-    )
-    return artifact, session
+    return onnx_artifact(local / "model.onnx", f"models:/{name}/{version}"), session
