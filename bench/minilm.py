@@ -140,7 +140,7 @@ def torch_runner(embedder: Any) -> Runner:
 
 
 def ort_runner(path: str, session: Any) -> Runner:
-    from bladeflow.runtime import make_session
+    from bladeflow.core.runtime import make_session
 
     sess = make_session(path, session)
     names = {i.name for i in sess.get_inputs()}
@@ -184,20 +184,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recovery-budget", type=float, default=150.0)
     args = parser.parse_args(argv)
 
-    from bladeflow.contract import DataRef, SessionConfig, Tolerance
-    from bladeflow.environment import hardware, tool_versions
-    from tasks.benchmark.latency import BenchmarkSettings, benchmark
-    from tasks.convert.onnx_source import load_onnx_source
-    from tasks.optimize.quant_static import graph_op_types
-    from tasks.optimize.recipes import (
+    from bladeflow.core.contract import DataRef, SessionConfig, Tolerance
+    from bladeflow.core.environment import hardware, tool_versions
+    from bladeflow.tasks.benchmark.latency import BenchmarkSettings, benchmark
+    from bladeflow.tasks.convert.onnx_source import load_onnx_source
+    from bladeflow.tasks.optimize.int8_static import graph_op_types
+    from bladeflow.tasks.optimize.recipes import (
         PassContext,
         PassNotApplicable,
         Recipe,
         build_candidate,
         plan_recipes,
     )
-    from tasks.optimize.runtime import physical_cores
-    from tasks.validate.accuracy import REFERENCE_SESSION, compare, predict
+    from bladeflow.tasks.optimize.session import physical_cores
+    from bladeflow.tasks.validate.accuracy import REFERENCE_SESSION, compare, predict
 
     started = time.time()
     work = Path(args.workdir)
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     # --- the peer recipe (Optimum O2 + avx2 dynamic int8 equivalent) ----------------------------
-    from bladeflow.contract import PassRecord
+    from bladeflow.core.contract import PassRecord
 
     peer = build_candidate(
         Recipe(

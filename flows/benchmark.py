@@ -6,8 +6,8 @@ validation data to its MLflow run, starts the ``benchmark/benchmark-on-POOL`` de
 on that pool, e.g. on a GPU machine, picks it up), waits for it, and reads the report the run
 wrote back to MLflow. MLflow is the only thing both sides share: no shared disk, no result storage.
 
-Register the deployment with ``python -m flows.deployments --target-pool POOL`` and start a
-worker on that hardware with ``prefect worker start --pool POOL``.
+Register the deployment with ``python -m bladeflow.flows.deployments --target-pool POOL`` and
+start a worker on that hardware with ``prefect worker start --pool POOL``.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import numpy as np
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, Field
 
-from bladeflow.contract import BenchmarkReport, SessionConfig
-from bladeflow.environment import hardware
-from bladeflow.errors import BladeflowError
+from bladeflow.core.contract import BenchmarkReport, SessionConfig
+from bladeflow.core.environment import hardware
+from bladeflow.core.errors import BladeflowError
 
 REMOTE_DIR = "remote-benchmark"  # artifact folder of the optimize run
 REPORT_FILE = "report.json"
@@ -60,8 +60,8 @@ def benchmark_flow(request: BenchmarkRequest) -> dict[str, Any]:
     import mlflow.artifacts
     from mlflow import MlflowClient
 
-    from tasks.benchmark.incumbent import onnx_artifact
-    from tasks.benchmark.latency import BenchmarkSettings, benchmark
+    from bladeflow.tasks.benchmark.incumbent import onnx_artifact
+    from bladeflow.tasks.benchmark.latency import BenchmarkSettings, benchmark
 
     logger = get_run_logger()
     here = hardware()
@@ -146,7 +146,7 @@ def run_remote(
         )
     except ObjectNotFound:
         raise RemoteBenchmarkError(
-            f"deployment {name!r} is not registered: run `python -m flows.deployments "
+            f"deployment {name!r} is not registered: run `python -m bladeflow.flows.deployments "
             f"--target-pool {pool}` (or `bladeflow up --target-pool {pool}`) first"
         ) from None
     state = run.state

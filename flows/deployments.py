@@ -1,7 +1,7 @@
 """Register bladeflow's Prefect deployments on a work pool.
 
-``python -m flows.deployments --work-pool bladeflow`` (``bladeflow up`` runs it) creates the work
-pool if it is missing and registers, from this source tree:
+``python -m bladeflow.flows.deployments --work-pool bladeflow`` (``bladeflow up`` runs it) creates
+the work pool if it is missing and registers, from this source tree:
 
 - ``optimize/optimize``: the optimize flow; its parameters are the typed ``OptimizeParams``, so the
   Prefect UI shows a form;
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from flows.benchmark import deployment_name
+from bladeflow.flows.benchmark import deployment_name
 
 OPTIMIZE = "optimize"
 NIGHTLY = "nightly-reoptimize"
@@ -193,8 +193,10 @@ def with_dask(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m flows.deployments``: register the deployments with ``PREFECT_API_URL``."""
-    parser = argparse.ArgumentParser(prog="python -m flows.deployments", description=__doc__)
+    """``python -m bladeflow.flows.deployments``: register deployments with ``PREFECT_API_URL``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bladeflow.flows.deployments", description=__doc__
+    )
     parser.add_argument("--work-pool", default="bladeflow", help="process work pool to use")
     parser.add_argument("--cron", default=DEFAULT_CRON, help="nightly schedule (cron)")
     parser.add_argument("--timezone", default="UTC", help="time zone of the schedule")

@@ -24,13 +24,13 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, Field
 
-from bladeflow import registry
-from bladeflow.contract import Tolerance
-from bladeflow.environment import hardware_fingerprint, tool_versions
-from bladeflow.errors import AccuracyGateError, BladeflowError
-from bladeflow.hashing import sha256_path
-from bladeflow.settings import Settings
-from flows.optimize import BenchParams, OptimizeParams, optimize_flow
+from bladeflow.core import registry
+from bladeflow.core.contract import Tolerance
+from bladeflow.core.environment import hardware_fingerprint, tool_versions
+from bladeflow.core.errors import AccuracyGateError, BladeflowError
+from bladeflow.core.hashing import sha256_path
+from bladeflow.core.settings import Settings
+from bladeflow.flows.optimize import BenchParams, OptimizeParams, optimize_flow
 
 MODEL_TAG_NIGHTLY = "bladeflow.nightly"  # "true": re-optimize nightly
 MODEL_TAG_KEY = "bladeflow.nightly_key"  # cache key of the last completed check
@@ -296,7 +296,7 @@ def _recorded_params(
 
 def _key_inputs(op: OptimizeParams) -> dict[str, str]:
     """Short hashes of each part of the cache key, so the summary can say what changed."""
-    from tasks.optimize.recipes import resolve_recipes
+    from bladeflow.tasks.optimize.recipes import resolve_recipes
 
     def digest(obj: Any) -> str:
         blob = json.dumps(obj, sort_keys=True, default=str).encode()

@@ -20,8 +20,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, Field, field_validator
 
-from bladeflow import registry
-from bladeflow.contract import (
+from bladeflow.core import registry
+from bladeflow.core.contract import (
     AccuracyReport,
     BenchmarkReport,
     Candidate,
@@ -34,33 +34,48 @@ from bladeflow.contract import (
     StageStatus,
     Tolerance,
 )
-from bladeflow.environment import hardware, tool_versions
-from bladeflow.errors import AccuracyGateError, BladeflowError, UserInputError
-from bladeflow.faults import fault_point
-from bladeflow.redact import redact, split_credentials
-from bladeflow.report import candidate_rows, candidates_markdown, pareto_plot, summary_markdown
-from bladeflow.settings import Settings
-from tasks.benchmark.incumbent import INCUMBENT, download_version, resolve_version
-from tasks.benchmark.latency import BenchmarkSettings, benchmark
-from tasks.convert.dispatch import ConvertOptions, convert_source, detect, open_source_runner
-from tasks.convert.verify import run_source
-from tasks.optimize.base import PassContext
-from tasks.optimize.quant_static import graph_op_types
-from tasks.optimize.recipes import BASELINE, Recipe, build_candidate, plan_recipes
-from tasks.register import mlflow_registry as reg
-from tasks.validate.accuracy import REFERENCE_SESSION, predict
-from tasks.validate.data import fixed_batch
-from tasks.validate.gate import (
+from bladeflow.core.environment import hardware, tool_versions
+from bladeflow.core.errors import AccuracyGateError, BladeflowError, UserInputError
+from bladeflow.core.faults import fault_point
+from bladeflow.core.redact import redact, split_credentials
+from bladeflow.core.settings import Settings
+from bladeflow.tasks.benchmark.incumbent import INCUMBENT, download_version, resolve_version
+from bladeflow.tasks.benchmark.latency import BenchmarkSettings, benchmark
+from bladeflow.tasks.convert.dispatch import (
+    ConvertOptions,
+    convert_source,
+    detect,
+    open_source_runner,
+)
+from bladeflow.tasks.convert.verify import run_source
+from bladeflow.tasks.optimize.base import PassContext
+from bladeflow.tasks.optimize.int8_static import graph_op_types
+from bladeflow.tasks.optimize.recipes import BASELINE, Recipe, build_candidate, plan_recipes
+from bladeflow.tasks.register import mlflow_registry as reg
+from bladeflow.tasks.validate.accuracy import REFERENCE_SESSION, predict
+from bladeflow.tasks.validate.data import fixed_batch
+from bladeflow.tasks.validate.gate import (
     GateOutcome,
     StepError,
     accuracy_gate,
     candidate_steps,
     validate_chain,
 )
-from tasks.validate.gx import SuiteResult
-from tasks.validate.policy import DataPolicy, TolerancePolicy, policy_from_tolerance
-from tasks.validate.prepare import PreparedData, prepare_validation_data, read_data, read_labels
-from tasks.validate.report import RunResults, version_description, write_report
+from bladeflow.tasks.validate.gx import SuiteResult
+from bladeflow.tasks.validate.policy import DataPolicy, TolerancePolicy, policy_from_tolerance
+from bladeflow.tasks.validate.prepare import (
+    PreparedData,
+    prepare_validation_data,
+    read_data,
+    read_labels,
+)
+from bladeflow.tasks.validate.report import RunResults, version_description, write_report
+from bladeflow.tasks.validate.summary import (
+    candidate_rows,
+    candidates_markdown,
+    pareto_plot,
+    summary_markdown,
+)
 
 SOURCE = "source"
 
@@ -310,7 +325,7 @@ def remote_benchmark_task(
     workdir: Path,
 ) -> tuple[BenchmarkReport, str]:
     """Upload models + data to the MLflow run, benchmark them on the pool's worker, read back."""
-    from flows.benchmark import REMOTE_DIR, BenchmarkRequest, RemoteModel, run_remote
+    from bladeflow.flows.benchmark import REMOTE_DIR, BenchmarkRequest, RemoteModel, run_remote
 
     pool = params.benchmark_work_pool
     assert pool is not None

@@ -14,11 +14,17 @@ from prefect.cache_policies import NO_CACHE
 from prefect.input import RunInput
 from pydantic import Field
 
-from bladeflow.settings import Settings
-from tasks.release import state as st
-from tasks.release.engine import Begin, ReleaseParams, Releaser, ReleaseResult, StageRecord
-from tasks.release.errors import ReleaseRolledBackError
-from tasks.release.plan import ReleasePlan
+from bladeflow.core.settings import Settings
+from bladeflow.tasks.release import state as st
+from bladeflow.tasks.release.engine import (
+    Begin,
+    ReleaseParams,
+    Releaser,
+    ReleaseResult,
+    StageRecord,
+)
+from bladeflow.tasks.release.errors import ReleaseRolledBackError
+from bladeflow.tasks.release.plan import ReleasePlan
 
 
 class Approval(RunInput):
@@ -46,7 +52,7 @@ def promote_task(r: Releaser, reason: str) -> ReleaseResult:
 
 def _on_abnormal_end(flow: Any, flow_run: Any, state: Any) -> None:
     """Crashed or cancelled (e.g. from the UI): roll back if this run still owns the release."""
-    from tasks.release import tracking
+    from bladeflow.tasks.release import tracking
 
     params = ReleaseParams.model_validate(flow_run.parameters["params"])
     c = tracking.client(Settings.from_env().with_tracking_uri(params.tracking_uri))

@@ -22,12 +22,18 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from serving.batching import QueueFull
-from serving.codec import DecodeError, InferRequest, decode_request, encode_response, error_body
-from serving.fleet import Fleet, ModelSlot, Runner
-from serving.metrics import Metrics
-from serving.openapi import OPENAPI
-from serving.routing import CANARY, CHAMPION, SHADOW, choose_role, compare
+from bladeflow.serving.batching import QueueFull
+from bladeflow.serving.codec import (
+    DecodeError,
+    InferRequest,
+    decode_request,
+    encode_response,
+    error_body,
+)
+from bladeflow.serving.fleet import Fleet, ModelSlot, Runner
+from bladeflow.serving.metrics import Metrics
+from bladeflow.serving.openapi import OPENAPI
+from bladeflow.serving.routing import CANARY, CHAMPION, SHADOW, choose_role, compare
 
 log = logging.getLogger("bladeflow.serving")
 

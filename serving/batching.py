@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from serving.codec import InputMeta
+from bladeflow.serving.codec import InputMeta
 
 log = logging.getLogger("bladeflow.serving")
 

@@ -1,6 +1,6 @@
 """A small Python client for ``bladeflow serve`` (Open Inference Protocol v2 over HTTP).
 
-from serving.client import Client
+from bladeflow.serving.client import Client
 with Client("http://127.0.0.1:8080", token=...) as c:
     out = c.infer("intent", {"x": np.ones((1, 8), np.float32)})
     out.outputs["y"], out.version
@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import orjson
 
-from serving.codec import NUMPY_TO_V2, V2_TO_NUMPY
+from bladeflow.serving.codec import NUMPY_TO_V2, V2_TO_NUMPY
 
 RETRY_STATUSES = {429, 503}
 

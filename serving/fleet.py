@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bladeflow import registry
-from serving.batching import Batcher, ModelQueue
-from serving.metrics import Metrics
-from serving.model import LoadedVersion, LoadError, ServeOptions, load_version
-from serving.routing import CANARY, CHAMPION
+from bladeflow.core import registry
+from bladeflow.serving.batching import Batcher, ModelQueue
+from bladeflow.serving.metrics import Metrics
+from bladeflow.serving.model import LoadedVersion, LoadError, ServeOptions, load_version
+from bladeflow.serving.routing import CANARY, CHAMPION
 
 log = logging.getLogger("bladeflow.serving")
 

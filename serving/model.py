@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from bladeflow import registry
-from bladeflow.contract import SessionConfig
-from serving.codec import ORT_TO_NUMPY, DecodeError, InputMeta
+from bladeflow.core import registry
+from bladeflow.core.contract import SessionConfig
+from bladeflow.serving.codec import ORT_TO_NUMPY, DecodeError, InputMeta
 
 log = logging.getLogger("bladeflow.serving")
 
@@ -47,7 +47,7 @@ class LoadedVersion:
     """An ONNX Runtime session for one model version plus what the request path needs."""
 
     def __init__(self, name: str, version: str, folder: Path, session_config: SessionConfig):
-        from bladeflow.runtime import make_session
+        from bladeflow.core.runtime import make_session
 
         self.name = name
         self.version = version

@@ -13,9 +13,9 @@ import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from bladeflow.settings import Settings
-from serving.metrics import Metrics
-from serving.model import ServeOptions
+from bladeflow.core.settings import Settings
+from bladeflow.serving.metrics import Metrics
+from bladeflow.serving.model import ServeOptions
 
 log = logging.getLogger("bladeflow.serving")
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -39,8 +39,8 @@ def make_app(settings: Settings, names: list[str], options: ServeOptions, config
     import mlflow
     from mlflow import MlflowClient
 
-    from serving.app import build_app
-    from serving.fleet import Fleet, check_champions
+    from bladeflow.serving.app import build_app
+    from bladeflow.serving.fleet import Fleet, check_champions
 
     mlflow.set_tracking_uri(settings.tracking_uri)
     mlflow.set_registry_uri(settings.registry_uri)

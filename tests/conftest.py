@@ -18,7 +18,7 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 import pytest  # noqa: E402
 
-from bladeflow.settings import Settings  # noqa: E402
+from bladeflow.core.settings import Settings  # noqa: E402
 
 
 @pytest.fixture(scope="session")

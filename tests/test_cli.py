@@ -13,7 +13,7 @@ import pytest
 
 from tests import models
 
-BIN = [sys.executable, "-m", "bladeflow.cli"]
+BIN = [sys.executable, "-m", "bladeflow.app.cli"]
 
 
 def _run(args: list[str], home: Path, timeout: int = 300) -> subprocess.CompletedProcess[str]:

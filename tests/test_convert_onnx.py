@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from bladeflow.errors import ModelFileError
-from bladeflow.hashing import sha256_path
-from tasks.convert.detect import detect_format
-from tasks.convert.onnx_source import load_onnx_source
+from bladeflow.core.errors import ModelFileError
+from bladeflow.core.hashing import sha256_path
+from bladeflow.tasks.convert.detect import detect_format
+from bladeflow.tasks.convert.onnx_source import load_onnx_source
 from tests import models
 
 

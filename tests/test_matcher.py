@@ -9,8 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bladeflow.errors import UserInputError
-from bladeflow.matcher import (
+from bladeflow.app.matcher import (
     INPUT_NAMES,
     SENTENCES,
     build_matcher,
@@ -19,6 +18,7 @@ from bladeflow.matcher import (
     load_tokenizer,
     minilm_dir,
 )
+from bladeflow.core.errors import UserInputError
 
 pytestmark = pytest.mark.torch
 
@@ -123,8 +123,8 @@ def test_export_has_dynamic_batch_and_sequence(tmp_path: Path, matcher: Any) -> 
     import onnxruntime as ort
     import torch
 
-    from tasks.convert.dispatch import ConvertOptions
-    from tasks.convert.torch_common import export_module
+    from bladeflow.tasks.convert.dispatch import ConvertOptions
+    from bladeflow.tasks.convert.torch_common import export_module
 
     module, example = matcher
     out = tmp_path / "matcher.onnx"

@@ -6,7 +6,8 @@ import numpy as np
 import onnx
 import pytest
 
-from bladeflow.contract import (
+from bladeflow.app.demo import build_demo_model
+from bladeflow.core.contract import (
     AccuracyReport,
     BenchmarkReport,
     Candidate,
@@ -17,15 +18,19 @@ from bladeflow.contract import (
     Signature,
     Tolerance,
 )
-from bladeflow.demo import build_demo_model
-from bladeflow.errors import UserInputError
-from bladeflow.report import candidate_rows
-from tasks.benchmark.latency import BenchmarkSettings, benchmark
-from tasks.convert.onnx_source import load_onnx_source
-from tasks.optimize.base import PASSES, get_pass
-from tasks.optimize.recipes import BASELINE, build_candidate, parse_passes, resolve_recipes
-from tasks.validate.accuracy import REFERENCE_SESSION, compare, predict
-from tasks.validate.data import synthesize
+from bladeflow.core.errors import UserInputError
+from bladeflow.tasks.benchmark.latency import BenchmarkSettings, benchmark
+from bladeflow.tasks.convert.onnx_source import load_onnx_source
+from bladeflow.tasks.optimize.base import PASSES, get_pass
+from bladeflow.tasks.optimize.recipes import (
+    BASELINE,
+    build_candidate,
+    parse_passes,
+    resolve_recipes,
+)
+from bladeflow.tasks.validate.accuracy import REFERENCE_SESSION, compare, predict
+from bladeflow.tasks.validate.data import synthesize
+from bladeflow.tasks.validate.summary import candidate_rows
 from tests import models
 
 
@@ -114,7 +119,7 @@ def _stats(bs: int, p50: float) -> LatencyStats:
 
 def test_selection_never_takes_a_candidate_slower_than_the_baseline_at_a_measured_batch():
     # setup: int8 wins at batch 1 and loses 30% at batch 32; fused wins a little at both
-    from flows.optimize import _select
+    from bladeflow.flows.optimize import _select
 
     timings = {
         BASELINE: (10.0, 100.0),

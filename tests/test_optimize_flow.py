@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from bladeflow import registry
-from bladeflow.errors import AccuracyGateError
-from bladeflow.settings import Settings
-from flows.optimize import OptimizeParams, optimize_flow
+from bladeflow.core import registry
+from bladeflow.core.errors import AccuracyGateError
+from bladeflow.core.settings import Settings
+from bladeflow.flows.optimize import OptimizeParams, optimize_flow
 from tests import models
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")

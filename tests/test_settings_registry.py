@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from bladeflow import registry
-from bladeflow.contract import PassRecord, SessionConfig
-from bladeflow.errors import UserInputError
-from bladeflow.settings import Settings
+from bladeflow.core import registry
+from bladeflow.core.contract import PassRecord, SessionConfig
+from bladeflow.core.errors import UserInputError
+from bladeflow.core.settings import Settings
 
 
 def test_defaults_live_under_dot_bladeflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -66,7 +66,8 @@ def test_recipe_round_trips_runtime_config():
 def test_import_does_not_load_heavy_frameworks_or_touch_home(tmp_path: Path):
     # setup: an empty HOME shows any write into the user's home
     code = (
-        "import sys, flows.optimize, serving, tasks.convert.onnx_source, bladeflow.cli;"
+        "import sys, bladeflow.flows.optimize, bladeflow.serving, bladeflow.app.cli,"
+        " bladeflow.tasks.convert.onnx_source;"
         "heavy = [m for m in ('torch', 'tensorflow', 'tensorrt', 'transformers')"
         " if m in sys.modules];"
         "print(','.join(heavy))"
@@ -99,8 +100,8 @@ def test_an_s3_experiment_without_credentials_fails_before_any_work(
     # without the stack's environment
     from mlflow import MlflowClient
 
-    from bladeflow.errors import RegistryError
-    from tasks.register.mlflow_registry import ensure_experiment
+    from bladeflow.core.errors import RegistryError
+    from bladeflow.tasks.register.mlflow_registry import ensure_experiment
 
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(key, raising=False)

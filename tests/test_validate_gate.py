@@ -5,10 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bladeflow.contract import Signature, TensorSpec, Tolerance
-from bladeflow.errors import DataError
-from tasks.validate.accuracy import compare
-from tasks.validate.data import check_dataset, load_npz, synthesize
+from bladeflow.core.contract import Signature, TensorSpec, Tolerance
+from bladeflow.core.errors import DataError
+from bladeflow.tasks.validate.accuracy import compare
+from bladeflow.tasks.validate.data import check_dataset, load_npz, synthesize
 
 SIG = Signature(
     inputs=[

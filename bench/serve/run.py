@@ -74,7 +74,7 @@ def prepare(home: Path, name: str, how: str) -> Path:
     env.pop("MLFLOW_TRACKING_URI", None)
     from mlflow import MlflowClient
 
-    from bladeflow.settings import Settings
+    from bladeflow.core.settings import Settings
 
     s = Settings.from_env(home=home, environ={})
     if how == "optimize":
@@ -97,8 +97,8 @@ def _register_direct(s: Any, name: str, model: Path, tokenizer: Path) -> str:
     import onnx
     from mlflow import MlflowClient
 
-    from bladeflow import registry
-    from bladeflow.contract import SessionConfig
+    from bladeflow.core import registry
+    from bladeflow.core.contract import SessionConfig
 
     s.apply()
     mlflow.set_tracking_uri(s.tracking_uri)
@@ -285,7 +285,7 @@ def main() -> None:
     }
     env.pop("MLFLOW_TRACKING_URI", None)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # mlflow models serve runs `uvicorn`
-    from bladeflow.settings import Settings
+    from bladeflow.core.settings import Settings
 
     settings = Settings.from_env(home=home, environ={})
     env["MLFLOW_TRACKING_URI"] = settings.tracking_uri

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bladeflow import registry
-from bladeflow.contract import ModelArtifact, Provenance, SessionConfig
-from bladeflow.errors import UserInputError
-from bladeflow.hashing import sha256_path
-from bladeflow.settings import Settings
-from tasks.register.mlflow_registry import client
+from bladeflow.core import registry
+from bladeflow.core.contract import ModelArtifact, Provenance, SessionConfig
+from bladeflow.core.errors import UserInputError
+from bladeflow.core.hashing import sha256_path
+from bladeflow.core.settings import Settings
+from bladeflow.tasks.register.mlflow_registry import client
 
 INCUMBENT = "incumbent"  # its label in the benchmark report
 
@@ -40,7 +40,7 @@ def onnx_artifact(path: Path, source: str) -> ModelArtifact:
     """A ModelArtifact for an ONNX file on disk (signature read from the graph, weights not)."""
     import onnx
 
-    from tasks.convert.onnx_source import signature_of
+    from bladeflow.tasks.convert.onnx_source import signature_of
 
     return ModelArtifact(
         path=str(path),

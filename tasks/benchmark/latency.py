@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from bladeflow.contract import BenchmarkReport, LatencyStats, ModelArtifact, SessionConfig
-from bladeflow.runtime import make_session
-from tasks.validate.data import Dataset, fixed_batch, tile
+from bladeflow.core.contract import BenchmarkReport, LatencyStats, ModelArtifact, SessionConfig
+from bladeflow.core.runtime import make_session
+from bladeflow.tasks.validate.data import Dataset, fixed_batch, tile
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 
-from bladeflow.contract import ModelArtifact
-from bladeflow.errors import ModelFileError
+from bladeflow.core.contract import ModelArtifact
+from bladeflow.core.errors import ModelFileError
 
 if TYPE_CHECKING:
-    from tasks.convert.dispatch import ConvertOptions
+    from bladeflow.tasks.convert.dispatch import ConvertOptions
 
 CONVERTERS: dict[str, type[Converter]] = {}
 
@@ -154,7 +154,7 @@ def check_zip(path: Path, what: str, how_to_save: str) -> list[str]:
 
 def load_converters() -> dict[str, type[Converter]]:
     """Import every built-in converter module (light: frameworks load lazily) and return them."""
-    from tasks.convert import (  # noqa: F401
+    from bladeflow.tasks.convert import (  # noqa: F401
         caffe_source,
         hf_source,
         keras_source,

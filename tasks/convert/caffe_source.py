@@ -12,11 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bladeflow.errors import ModelFileError
-from tasks.convert.base import Converter, Export
+from bladeflow.core.errors import ModelFileError
+from bladeflow.tasks.convert.base import Converter, Export
 
 if TYPE_CHECKING:
-    from tasks.convert.dispatch import ConvertOptions
+    from bladeflow.tasks.convert.dispatch import ConvertOptions
 
 REASON = (
     "caffe2onnx 2.0.1 requires onnx==1.6.0 and its caffe_pb2 fails to import with protobuf 7 "

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bladeflow.errors import ModelFileError
-from tasks.convert.base import detect_converter, load_converters, supported_text
+from bladeflow.core.errors import ModelFileError
+from bladeflow.tasks.convert.base import detect_converter, load_converters, supported_text
 
 _PICKLE_SUFFIXES = {".pkl", ".pickle", ".joblib"}
 

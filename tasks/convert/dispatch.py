@@ -17,13 +17,13 @@ from typing import Any
 import onnx
 from pydantic import BaseModel, Field
 
-from bladeflow.contract import ModelArtifact, PassRecord, Signature, TensorSpec, Tolerance
-from bladeflow.errors import ModelFileError
-from bladeflow.hashing import sha256_path
-from tasks.convert.base import SourceRunner, check_size, get_converter
-from tasks.convert.detect import detect_format
-from tasks.convert.errors import ConversionError
-from tasks.convert.verify import verification_data, verify_conversion
+from bladeflow.core.contract import ModelArtifact, PassRecord, Signature, TensorSpec, Tolerance
+from bladeflow.core.errors import ModelFileError
+from bladeflow.core.hashing import sha256_path
+from bladeflow.tasks.convert.base import SourceRunner, check_size, get_converter
+from bladeflow.tasks.convert.detect import detect_format
+from bladeflow.tasks.convert.errors import ConversionError
+from bladeflow.tasks.convert.verify import verification_data, verify_conversion
 
 __all__ = [
     "ConversionError",
@@ -78,7 +78,7 @@ def convert_source(source: str, workdir: Path, options: ConvertOptions) -> Model
         exported = converter.export(source, staging, options)
         if fmt != "onnx":  # ONNX sources: ONNX Runtime names unknown operators at load
             _check_operators(exported.onnx_path)
-        from tasks.convert.onnx_source import load_onnx_source
+        from bladeflow.tasks.convert.onnx_source import load_onnx_source
 
         final = staging / "final"
         admitted = load_onnx_source(exported.onnx_path, final, options.target_opset)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bladeflow.errors import ModelFileError, UserInputError
+from bladeflow.core.errors import ModelFileError, UserInputError
 
 
 class ConversionError(UserInputError):

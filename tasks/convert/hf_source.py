@@ -12,14 +12,19 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bladeflow.contract import ModelArtifact
-from bladeflow.errors import ModelFileError
-from tasks.convert.base import Converter, Export, SourceRunner, check_size
-from tasks.convert.errors import missing_framework
-from tasks.convert.torch_common import TorchRunner, export_module, first_line, import_torch
+from bladeflow.core.contract import ModelArtifact
+from bladeflow.core.errors import ModelFileError
+from bladeflow.tasks.convert.base import Converter, Export, SourceRunner, check_size
+from bladeflow.tasks.convert.errors import missing_framework
+from bladeflow.tasks.convert.torch_common import (
+    TorchRunner,
+    export_module,
+    first_line,
+    import_torch,
+)
 
 if TYPE_CHECKING:
-    from tasks.convert.dispatch import ConvertOptions
+    from bladeflow.tasks.convert.dispatch import ConvertOptions
 
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 _TOKENIZER_FILES = (

@@ -9,14 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bladeflow.contract import ModelArtifact
-from bladeflow.errors import ModelFileError
-from tasks.convert.base import Converter, Export, SourceRunner, check_size, check_zip
-from tasks.convert.errors import missing_framework
-from tasks.convert.tf_common import TFRunner, convert_function, import_tf, input_specs
+from bladeflow.core.contract import ModelArtifact
+from bladeflow.core.errors import ModelFileError
+from bladeflow.tasks.convert.base import Converter, Export, SourceRunner, check_size, check_zip
+from bladeflow.tasks.convert.errors import missing_framework
+from bladeflow.tasks.convert.tf_common import TFRunner, convert_function, import_tf, input_specs
 
 if TYPE_CHECKING:
-    from tasks.convert.dispatch import ConvertOptions
+    from bladeflow.tasks.convert.dispatch import ConvertOptions
 
 SUFFIXES = (".keras", ".h5", ".hdf5")
 

@@ -14,12 +14,12 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bladeflow.contract import ModelArtifact
-from bladeflow.errors import ModelFileError
-from tasks.convert.base import Converter, Export, SourceRunner, get_converter
+from bladeflow.core.contract import ModelArtifact
+from bladeflow.core.errors import ModelFileError
+from bladeflow.tasks.convert.base import Converter, Export, SourceRunner, get_converter
 
 if TYPE_CHECKING:
-    from tasks.convert.dispatch import ConvertOptions
+    from bladeflow.tasks.convert.dispatch import ConvertOptions
 
 SCHEMES = ("models:/", "runs:/")
 
@@ -71,7 +71,7 @@ def resolve(local: Path, uri: str) -> tuple[str, Path, str]:
             "mlflow.sklearn.log_model(..., serialization_format='skops')",
         )
     if "transformers" in flavors:
-        from tasks.convert.hf_source import is_hf_folder
+        from bladeflow.tasks.convert.hf_source import is_hf_folder
 
         for cfg in sorted(local.rglob("config.json")):
             if is_hf_folder(cfg.parent):

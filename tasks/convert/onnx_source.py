@@ -10,15 +10,22 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
-from bladeflow.contract import Dim, ModelArtifact, PassRecord, Provenance, Signature, TensorSpec
-from bladeflow.environment import tool_versions
-from bladeflow.errors import ModelFileError
-from bladeflow.hashing import sha256_path
-from bladeflow.runtime import make_session, run
-from tasks.convert.base import Converter, Export, check_size
+from bladeflow.core.contract import (
+    Dim,
+    ModelArtifact,
+    PassRecord,
+    Provenance,
+    Signature,
+    TensorSpec,
+)
+from bladeflow.core.environment import tool_versions
+from bladeflow.core.errors import ModelFileError
+from bladeflow.core.hashing import sha256_path
+from bladeflow.core.runtime import make_session, run
+from bladeflow.tasks.convert.base import Converter, Export, check_size
 
 if TYPE_CHECKING:
-    from tasks.convert.dispatch import ConvertOptions
+    from bladeflow.tasks.convert.dispatch import ConvertOptions
 
 # Protobuf cannot serialize a single message over 2 GiB; bigger models keep weights outside.
 _EXTERNAL_DATA_THRESHOLD = 1 << 30
@@ -157,7 +164,7 @@ class OrtRunner:
     name = "onnxruntime"
 
     def __init__(self, path: str | Path):
-        from bladeflow.contract import SessionConfig
+        from bladeflow.core.contract import SessionConfig
 
         self._session = make_session(path, SessionConfig(graph_optimization_level="disable"))
         self._outputs = [o.name for o in self._session.get_outputs()]

@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bladeflow.contract import ModelArtifact
-from bladeflow.errors import ModelFileError
-from tasks.convert.base import Converter, Export, SourceRunner, check_size, check_zip
-from tasks.convert.errors import ConversionError, missing_framework
+from bladeflow.core.contract import ModelArtifact
+from bladeflow.core.errors import ModelFileError
+from bladeflow.tasks.convert.base import Converter, Export, SourceRunner, check_size, check_zip
+from bladeflow.tasks.convert.errors import ConversionError, missing_framework
 
 if TYPE_CHECKING:
-    from tasks.convert.dispatch import ConvertOptions
+    from bladeflow.tasks.convert.dispatch import ConvertOptions
 
 DEFAULT_OPSET = 17
 _TRUSTED_PACKAGES = {"sklearn", "numpy", "scipy"}

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from tasks.convert.errors import ConversionError, missing_framework
+from bladeflow.tasks.convert.errors import ConversionError, missing_framework
 
 if TYPE_CHECKING:
-    from tasks.convert.dispatch import ConvertOptions
+    from bladeflow.tasks.convert.dispatch import ConvertOptions
 
 DEFAULT_OPSET = 17
 

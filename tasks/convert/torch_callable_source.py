@@ -13,10 +13,10 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bladeflow.contract import ModelArtifact
-from bladeflow.errors import ModelFileError
-from tasks.convert.base import Converter, Export, SourceRunner
-from tasks.convert.torch_common import (
+from bladeflow.core.contract import ModelArtifact
+from bladeflow.core.errors import ModelFileError
+from bladeflow.tasks.convert.base import Converter, Export, SourceRunner
+from bladeflow.tasks.convert.torch_common import (
     TorchRunner,
     export_module,
     import_torch,
@@ -24,7 +24,7 @@ from tasks.convert.torch_common import (
 )
 
 if TYPE_CHECKING:
-    from tasks.convert.dispatch import ConvertOptions
+    from bladeflow.tasks.convert.dispatch import ConvertOptions
 
 _REFERENCE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bladeflow.errors import ModelFileError
-from tasks.convert.errors import ConversionError, missing_framework
+from bladeflow.core.errors import ModelFileError
+from bladeflow.tasks.convert.errors import ConversionError, missing_framework
 
 if TYPE_CHECKING:
-    from tasks.convert.dispatch import ConvertOptions
+    from bladeflow.tasks.convert.dispatch import ConvertOptions
 
 DEFAULT_OPSET = 17
 

@@ -6,10 +6,10 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bladeflow.contract import ModelArtifact
-from bladeflow.errors import ModelFileError
-from tasks.convert.base import Converter, Export, SourceRunner, check_size
-from tasks.convert.torch_common import (
+from bladeflow.core.contract import ModelArtifact
+from bladeflow.core.errors import ModelFileError
+from bladeflow.tasks.convert.base import Converter, Export, SourceRunner, check_size
+from bladeflow.tasks.convert.torch_common import (
     TorchRunner,
     export_module,
     first_line,
@@ -18,7 +18,7 @@ from tasks.convert.torch_common import (
 )
 
 if TYPE_CHECKING:
-    from tasks.convert.dispatch import ConvertOptions
+    from bladeflow.tasks.convert.dispatch import ConvertOptions
 
 SUFFIXES = (".pt", ".pth", ".ts", ".torchscript")
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail as OrtError
 
-from bladeflow.contract import ModelArtifact, OutputAccuracy, Signature, TensorSpec, Tolerance
-from tasks.convert.base import SourceRunner
-from tasks.convert.errors import ConversionError
-from tasks.validate.accuracy import REFERENCE_SESSION, compare, predict
-from tasks.validate.data import Dataset, batches, fixed_batch, synthesize
+from bladeflow.core.contract import ModelArtifact, OutputAccuracy, Signature, TensorSpec, Tolerance
+from bladeflow.tasks.convert.base import SourceRunner
+from bladeflow.tasks.convert.errors import ConversionError
+from bladeflow.tasks.validate.accuracy import REFERENCE_SESSION, compare, predict
+from bladeflow.tasks.validate.data import Dataset, batches, fixed_batch, synthesize
 
 VERIFY_SAMPLES = 4
 _SOURCE_BATCH = 8

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from bladeflow.contract import (
+from bladeflow.core.contract import (
     DataRef,
     ModelArtifact,
     PassRecord,
@@ -23,9 +23,9 @@ from bladeflow.contract import (
     SessionConfig,
     Tolerance,
 )
-from bladeflow.environment import tool_versions
-from bladeflow.errors import UserInputError
-from bladeflow.hashing import sha256_path
+from bladeflow.core.environment import tool_versions
+from bladeflow.core.errors import UserInputError
+from bladeflow.core.hashing import sha256_path
 
 PASSES: dict[str, type[OptimizationPass]] = {}
 
@@ -86,7 +86,7 @@ class OptimizationPass(ABC):
 
     @classmethod
     def applicable(cls, hardware: dict[str, Any]) -> str | None:
-        """None when the pass can run on ``hardware`` (see bladeflow.environment), else why not."""
+        """None when the pass can run on ``hardware`` (bladeflow.core.environment), else why not."""
         return None
 
     def model_skip_reason(self, op_types: set[str]) -> str | None:
@@ -182,15 +182,16 @@ def get_pass(name: str, config: dict[str, Any] | None = None) -> OptimizationPas
 
 def _load_builtin_passes() -> None:
     # Importing the modules registers their passes; kept here so `base` has no import cycle.
-    from tasks.optimize import (  # noqa: F401
+    from bladeflow.tasks.optimize import (  # noqa: F401
+        cuda,
         fp16,
-        gpu,
+        int8_dynamic,
+        int8_static,
         mixed_precision,
         ort_graph,
-        quant_dynamic,
-        quant_static,
-        runtime,
+        session,
         simplify,
+        tensorrt,
         transformer_fusion,
     )
 

@@ -8,7 +8,7 @@ from typing import Any
 import onnx
 from pydantic import Field
 
-from tasks.optimize.base import OptimizationPass, PassConfig
+from bladeflow.tasks.optimize.base import OptimizationPass, PassConfig
 
 # Ops left in fp32: ORT's default block list (ML ops) plus ops whose fp16 kernels are missing on
 # CPU or lose too much range. Cast is blocked too: onnxconverter-common's converter produced

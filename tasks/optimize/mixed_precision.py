@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from pydantic import Field
 
-from bladeflow.contract import (
+from bladeflow.core.contract import (
     AccuracyReport,
     ModelArtifact,
     Provenance,
@@ -22,18 +22,27 @@ from bladeflow.contract import (
     TensorSpec,
     Tolerance,
 )
-from bladeflow.environment import hardware
-from tasks.optimize.base import OptimizationPass, PassConfig, PassContext, PassNotApplicable
-from tasks.optimize.fp16 import Float16Config, to_float16
-from tasks.optimize.quant_dynamic import QuantizeDynamicConfig, quantize_dynamic_file, resolve
-from tasks.optimize.quant_static import (
+from bladeflow.core.environment import hardware
+from bladeflow.tasks.optimize.base import (
+    OptimizationPass,
+    PassConfig,
+    PassContext,
+    PassNotApplicable,
+)
+from bladeflow.tasks.optimize.fp16 import Float16Config, to_float16
+from bladeflow.tasks.optimize.int8_dynamic import (
+    QuantizeDynamicConfig,
+    quantize_dynamic_file,
+    resolve,
+)
+from bladeflow.tasks.optimize.int8_static import (
     QuantizeStaticConfig,
     missing_ops,
     quantize_static_file,
     require_ops,
 )
-from tasks.validate.accuracy import compare, predict
-from tasks.validate.data import Dataset
+from bladeflow.tasks.validate.accuracy import compare, predict
+from bladeflow.tasks.validate.data import Dataset
 
 # Builds a candidate into `output` with `excluded` node names kept in fp32, or, when `only` is
 # given, with only those nodes converted.

@@ -7,9 +7,9 @@ from typing import Literal
 
 import onnxruntime as ort
 
-from bladeflow.contract import SessionConfig
-from bladeflow.runtime import graph_level
-from tasks.optimize.base import OptimizationPass, PassConfig
+from bladeflow.core.contract import SessionConfig
+from bladeflow.core.runtime import graph_level
+from bladeflow.tasks.optimize.base import OptimizationPass, PassConfig
 
 
 class OrtGraphConfig(PassConfig):

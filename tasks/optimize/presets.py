@@ -1,6 +1,6 @@
 """Named presets per target: which recipes (pass chains + session) are tried on which hardware.
 
-Every preset is a function of the machine (bladeflow.environment.hardware), so CPU presets pick
+Every preset is a function of the machine (bladeflow.core.environment.hardware), so CPU presets pick
 int8 settings for the CPU's ISA; recipes whose passes cannot run here are skipped with a reason.
 """
 
@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from bladeflow.contract import PassRecord
-from tasks.optimize.quant_dynamic import has_vnni
-from tasks.optimize.recipe import Recipe
+from bladeflow.core.contract import PassRecord
+from bladeflow.tasks.optimize.int8_dynamic import has_vnni
+from bladeflow.tasks.optimize.recipe import Recipe
 
 # onnxslim before the transformer optimizer was measured to stop Attention fusion (tiny BERT:
 # 2 Attention -> 0), so the fused chains do not simplify first.

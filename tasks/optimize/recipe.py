@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from bladeflow.contract import PassRecord, SessionConfig
+from bladeflow.core.contract import PassRecord, SessionConfig
 
 
 class Recipe(BaseModel):

@@ -16,12 +16,12 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from bladeflow.contract import Candidate, ModelArtifact, PassRecord, SessionConfig
-from bladeflow.environment import hardware
-from bladeflow.errors import UserInputError
-from tasks.optimize.base import PassContext, PassNotApplicable, all_passes, get_pass
-from tasks.optimize.presets import PRESETS
-from tasks.optimize.recipe import Recipe
+from bladeflow.core.contract import Candidate, ModelArtifact, PassRecord, SessionConfig
+from bladeflow.core.environment import hardware
+from bladeflow.core.errors import UserInputError
+from bladeflow.tasks.optimize.base import PassContext, PassNotApplicable, all_passes, get_pass
+from bladeflow.tasks.optimize.presets import PRESETS
+from bladeflow.tasks.optimize.recipe import Recipe
 
 BASELINE = "baseline"
 # The baseline runs the graph exactly as the accuracy gate's reference does (no load-time

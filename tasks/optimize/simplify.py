@@ -6,7 +6,7 @@ from pathlib import Path
 
 import onnx
 
-from tasks.optimize.base import OptimizationPass, PassConfig
+from bladeflow.tasks.optimize.base import OptimizationPass, PassConfig
 
 
 class SimplifyConfig(PassConfig):

@@ -10,7 +10,7 @@ from typing import Any, Literal
 import onnx
 from onnx import numpy_helper
 
-from tasks.optimize.base import OptimizationPass, PassConfig
+from bladeflow.tasks.optimize.base import OptimizationPass, PassConfig
 
 
 class TransformerFusionConfig(PassConfig):

@@ -1,7 +1,7 @@
 """Log a flow run to MLflow and register its chosen model, all or nothing.
 
 One MLflow run per flow run. The chosen model is logged with ``mlflow.onnx.log_model`` and becomes
-a new version of the registered model, with the schema tags of :mod:`bladeflow.registry` set at
+a new version of the registered model, with the schema tags of :mod:`bladeflow.core.registry` set at
 creation and the ``candidate`` alias moved to it. If anything fails after the version exists, the
 version is deleted again: a half-registered version never stays behind. A version gets
 ``bladeflow.validated=true`` only once it is READY, and only then the alias; a process killed in
@@ -26,12 +26,12 @@ from typing import Any
 
 import numpy as np
 
-from bladeflow import registry
-from bladeflow.contract import Candidate, Signature
-from bladeflow.errors import RegistryError, UserInputError
-from bladeflow.faults import fault_point
-from bladeflow.redact import redact
-from bladeflow.settings import Settings
+from bladeflow.core import registry
+from bladeflow.core.contract import Candidate, Signature
+from bladeflow.core.errors import RegistryError, UserInputError
+from bladeflow.core.faults import fault_point
+from bladeflow.core.redact import redact
+from bladeflow.core.settings import Settings
 
 _METRIC_SAFE = re.compile(r"[^A-Za-z0-9_\-. /]")
 

@@ -24,16 +24,16 @@ from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
 
-from bladeflow import registry
-from bladeflow.errors import UserInputError
-from bladeflow.settings import Settings
-from tasks.release import state as st
-from tasks.release import tracking
-from tasks.release.errors import ReleaseRolledBackError
-from tasks.release.gates import Decision, GateResult, champion_reference, judge
-from tasks.release.metrics import RoleStats, Samples, delta, total
-from tasks.release.plan import OnInsufficientTraffic, ReleasePlan
-from tasks.release.scrape import Scraper
+from bladeflow.core import registry
+from bladeflow.core.errors import UserInputError
+from bladeflow.core.settings import Settings
+from bladeflow.tasks.release import state as st
+from bladeflow.tasks.release import tracking
+from bladeflow.tasks.release.errors import ReleaseRolledBackError
+from bladeflow.tasks.release.gates import Decision, GateResult, champion_reference, judge
+from bladeflow.tasks.release.metrics import RoleStats, Samples, delta, total
+from bladeflow.tasks.release.plan import OnInsufficientTraffic, ReleasePlan
+from bladeflow.tasks.release.scrape import Scraper
 
 log = logging.getLogger("bladeflow.release")
 

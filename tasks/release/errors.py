@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bladeflow.errors import BladeflowError, UserInputError
+from bladeflow.core.errors import BladeflowError, UserInputError
 
 
 class NotValidatedError(UserInputError):

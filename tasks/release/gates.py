@@ -14,8 +14,8 @@ from enum import StrEnum
 
 from pydantic import BaseModel, Field
 
-from tasks.release.metrics import Key, RoleStats, agreement, role_stats
-from tasks.release.plan import GatePolicy, StagePlan
+from bladeflow.tasks.release.metrics import Key, RoleStats, agreement, role_stats
+from bladeflow.tasks.release.plan import GatePolicy, StagePlan
 
 
 class Decision(StrEnum):

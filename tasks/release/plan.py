@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from bladeflow.errors import UserInputError
+from bladeflow.core.errors import UserInputError
 
 
 class OnInsufficientTraffic(StrEnum):

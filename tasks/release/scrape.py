@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from tasks.release import metrics
+from bladeflow.tasks.release import metrics
 
 log = logging.getLogger("bladeflow.release")
 

@@ -27,9 +27,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from bladeflow import registry
-from bladeflow.errors import RegistryError, UserInputError
-from tasks.release.errors import NotValidatedError, ReleaseConflictError
+from bladeflow.core import registry
+from bladeflow.core.errors import RegistryError, UserInputError
+from bladeflow.tasks.release.errors import NotValidatedError, ReleaseConflictError
 
 MODEL_TAG_SHADOW_SHARE = registry.MODEL_TAG_SHADOW_SHARE
 MODEL_TAG_PREVIOUS_CHAMPION = registry.MODEL_TAG_PREVIOUS_CHAMPION

@@ -13,8 +13,8 @@ import os
 import time
 from typing import Any
 
-from bladeflow.errors import RegistryError
-from bladeflow.settings import Settings
+from bladeflow.core.errors import RegistryError
+from bladeflow.core.settings import Settings
 
 EXPERIMENT = "bladeflow-releases"
 ENV_EXPERIMENT = "BLADEFLOW_RELEASE_EXPERIMENT"

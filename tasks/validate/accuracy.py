@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from bladeflow.contract import (
+from bladeflow.core.contract import (
     AccuracyReport,
     ModelArtifact,
     OutputAccuracy,
     SessionConfig,
     Tolerance,
 )
-from bladeflow.runtime import make_session, run
-from tasks.validate.data import Dataset, batches, fixed_batch
+from bladeflow.core.runtime import make_session, run
+from bladeflow.tasks.validate.data import Dataset, batches, fixed_batch
 
 # The reference runs the graph exactly as written: no fusions, no reordered arithmetic.
 REFERENCE_SESSION = SessionConfig(graph_optimization_level="disable")

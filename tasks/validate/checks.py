@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from bladeflow.contract import Signature, TensorSpec
-from bladeflow.errors import DataError
-from tasks.validate.data import Dataset, check_dataset
-from tasks.validate.gx import Check, SuiteResult, run_checks
-from tasks.validate.policy import DataPolicy
+from bladeflow.core.contract import Signature, TensorSpec
+from bladeflow.core.errors import DataError
+from bladeflow.tasks.validate.data import Dataset, check_dataset
+from bladeflow.tasks.validate.gx import Check, SuiteResult, run_checks
+from bladeflow.tasks.validate.policy import DataPolicy
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bladeflow.contract import Signature, TensorSpec
-from bladeflow.errors import DataError
+from bladeflow.core.contract import Signature, TensorSpec
+from bladeflow.core.errors import DataError
 
 Dataset = dict[str, np.ndarray]
 

@@ -16,19 +16,19 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydantic import BaseModel, Field
 
-from bladeflow.contract import (
+from bladeflow.core.contract import (
     AccuracyReport,
     Candidate,
     ModelArtifact,
     OutputAccuracy,
     SessionConfig,
 )
-from bladeflow.hashing import sha256_path
-from tasks.validate.accuracy import REFERENCE_SESSION, cosine_rows, predict
-from tasks.validate.data import Dataset
-from tasks.validate.gx import Check, SuiteResult, run_checks
-from tasks.validate.metrics import MetricComparison, compare_metric
-from tasks.validate.policy import OutputTolerance, TolerancePolicy
+from bladeflow.core.hashing import sha256_path
+from bladeflow.tasks.validate.accuracy import REFERENCE_SESSION, cosine_rows, predict
+from bladeflow.tasks.validate.data import Dataset
+from bladeflow.tasks.validate.gx import Check, SuiteResult, run_checks
+from bladeflow.tasks.validate.metrics import MetricComparison, compare_metric
+from bladeflow.tasks.validate.policy import OutputTolerance, TolerancePolicy
 
 if TYPE_CHECKING:
     import pandas as pd

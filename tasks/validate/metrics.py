@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel
 
-from bladeflow.errors import DataError
-from tasks.validate.policy import MetricLimit, MetricName
+from bladeflow.core.errors import DataError
+from bladeflow.tasks.validate.policy import MetricLimit, MetricName
 
 
 class MetricComparison(BaseModel):

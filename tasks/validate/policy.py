@@ -2,7 +2,7 @@
 
 A :class:`TolerancePolicy` says, per output, how close a candidate must stay to the source and for
 what share of samples (``mostly``); presets give sensible defaults per precision. The existing
-:class:`~bladeflow.contract.Tolerance` maps onto a policy with :func:`policy_from_tolerance`.
+:class:`~bladeflow.core.contract.Tolerance` maps onto a policy with :func:`policy_from_tolerance`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from bladeflow.contract import Tolerance
+from bladeflow.core.contract import Tolerance
 
 Precision = Literal["fp32", "fp16", "int8"]
 MetricName = Literal["accuracy", "f1", "auc", "spearman"]

@@ -13,12 +13,17 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field
 
-from bladeflow.contract import DataRef, ModelArtifact
-from bladeflow.errors import DataError
-from tasks.validate.checks import check_data
-from tasks.validate.data import DEFAULT_SYNTHETIC_SAMPLES, check_dataset, sample_count, synthesize
-from tasks.validate.policy import DataPolicy
-from tasks.validate.sources import load_data
+from bladeflow.core.contract import DataRef, ModelArtifact
+from bladeflow.core.errors import DataError
+from bladeflow.tasks.validate.checks import check_data
+from bladeflow.tasks.validate.data import (
+    DEFAULT_SYNTHETIC_SAMPLES,
+    check_dataset,
+    sample_count,
+    synthesize,
+)
+from bladeflow.tasks.validate.policy import DataPolicy
+from bladeflow.tasks.validate.sources import load_data
 
 
 class PreparedData(BaseModel):

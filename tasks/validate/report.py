@@ -15,16 +15,16 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 
-from bladeflow.contract import (
+from bladeflow.core.contract import (
     AccuracyReport,
     BenchmarkReport,
     LatencyStats,
     PassRecord,
     SessionConfig,
 )
-from bladeflow.environment import hardware, tool_versions
-from tasks.validate.gate import GateOutcome, StepError
-from tasks.validate.gx import SuiteResult
+from bladeflow.core.environment import hardware, tool_versions
+from bladeflow.tasks.validate.gate import GateOutcome, StepError
+from bladeflow.tasks.validate.gx import SuiteResult
 
 SYNTHETIC_WARNING = (
     "> **Accuracy was judged on synthetic inputs** generated from the model signature; they "

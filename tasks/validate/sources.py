@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bladeflow.contract import Signature
-from bladeflow.errors import DataError
-from tasks.validate.data import Dataset, check_array_files
+from bladeflow.core.contract import Signature
+from bladeflow.core.errors import DataError
+from bladeflow.tasks.validate.data import Dataset, check_array_files
 
 if TYPE_CHECKING:
     import pandas as pd

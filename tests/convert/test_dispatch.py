@@ -12,10 +12,10 @@ import numpy as np
 import onnx
 import pytest
 
-from bladeflow.contract import Tolerance
-from bladeflow.errors import ModelFileError, UserInputError
-from tasks.convert.base import load_converters
-from tasks.convert.dispatch import (
+from bladeflow.core.contract import Tolerance
+from bladeflow.core.errors import ModelFileError, UserInputError
+from bladeflow.tasks.convert.base import load_converters
+from bladeflow.tasks.convert.dispatch import (
     ConversionError,
     ConvertOptions,
     convert_source,
@@ -23,7 +23,7 @@ from tasks.convert.dispatch import (
     open_source_runner,
     verify_conversion,
 )
-from tasks.convert.onnx_source import OrtRunner, opset_of
+from bladeflow.tasks.convert.onnx_source import OrtRunner, opset_of
 from tests import models
 
 
@@ -49,7 +49,8 @@ def test_every_converter_registers_once_with_a_description():
 def test_importing_dispatch_loads_no_heavy_framework():
     # setup
     code = (
-        "import sys, tasks.convert.dispatch, tasks.convert.base as b; b.load_converters();"
+        "import sys, bladeflow.tasks.convert.dispatch, bladeflow.tasks.convert.base as b;"
+        "b.load_converters();"
         "heavy = [m for m in ('torch','tensorflow','tf2onnx','transformers','skl2onnx','keras')"
         " if m in sys.modules]; print(heavy)"
     )

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bladeflow.contract import Tolerance
-from bladeflow.errors import ModelFileError
-from tasks.convert.dispatch import (
+from bladeflow.core.contract import Tolerance
+from bladeflow.core.errors import ModelFileError
+from bladeflow.tasks.convert.dispatch import (
     ConvertOptions,
     convert_source,
     detect,

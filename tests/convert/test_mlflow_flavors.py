@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.convert.dispatch import ConvertOptions, convert_source
+from bladeflow.tasks.convert.dispatch import ConvertOptions, convert_source
 
 WORDS = ["the", "cat", "dog", "sat", "on", "mat", "a", "red", "blue", "ran", "fast", "slow"]
 

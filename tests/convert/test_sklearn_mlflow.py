@@ -8,8 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bladeflow.errors import ModelFileError
-from tasks.convert.dispatch import ConvertOptions, convert_source, detect, open_source_runner
+from bladeflow.core.errors import ModelFileError
+from bladeflow.tasks.convert.dispatch import (
+    ConvertOptions,
+    convert_source,
+    detect,
+    open_source_runner,
+)
 from tests import models
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bladeflow.errors import ModelFileError
-from tasks.convert.dispatch import (
+from bladeflow.core.errors import ModelFileError
+from bladeflow.tasks.convert.dispatch import (
     ConversionError,
     ConvertOptions,
     convert_source,

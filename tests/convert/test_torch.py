@@ -9,16 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bladeflow.contract import Tolerance
-from bladeflow.errors import ModelFileError
-from tasks.convert.dispatch import (
+from bladeflow.core.contract import Tolerance
+from bladeflow.core.errors import ModelFileError
+from bladeflow.tasks.convert.dispatch import (
     ConversionError,
     ConvertOptions,
     convert_source,
     open_source_runner,
     verify_conversion,
 )
-from tasks.validate.data import synthesize
+from bladeflow.tasks.validate.data import synthesize
 
 pytestmark = pytest.mark.torch
 torch = pytest.importorskip("torch")

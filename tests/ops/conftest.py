@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bladeflow import stack, stack_proc
-from bladeflow.stack import StackConfig
+from bladeflow.app import stack, stack_proc
+from bladeflow.app.stack import StackConfig
 from tests import models
 
 S3_KEYS = {"AWS_ACCESS_KEY_ID": "ops-test", "AWS_SECRET_ACCESS_KEY": "ops-test-secret"}

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from bladeflow import registry
-from bladeflow.settings import Settings
-from flows.nightly import (
+from bladeflow.core import registry
+from bladeflow.core.settings import Settings
+from bladeflow.flows.nightly import (
     MODEL_TAG_KEY,
     MODEL_TAG_NIGHTLY,
     VERSION_TAG_KEY,
@@ -19,7 +19,7 @@ from flows.nightly import (
     nightly_flow,
     summary_markdown,
 )
-from flows.optimize import OptimizeParams, optimize_flow
+from bladeflow.flows.optimize import OptimizeParams, optimize_flow
 from tests import models
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -130,8 +130,8 @@ def test_summary_lists_every_outcome():
 
 def test_must_beat_naming_no_version_is_a_usage_error_before_any_work(settings: Settings):
     # setup
-    from bladeflow.errors import UserInputError
-    from tasks.benchmark.incumbent import resolve_version
+    from bladeflow.core.errors import UserInputError
+    from bladeflow.tasks.benchmark.incumbent import resolve_version
 
     MlflowClient(settings.tracking_uri, settings.registry_uri).create_registered_model("m-empty")
     # execute / assert

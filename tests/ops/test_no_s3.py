@@ -15,8 +15,8 @@ import typer
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from bladeflow import stack, stack_proc
-from bladeflow.stack import StackConfig
+from bladeflow.app import stack, stack_proc
+from bladeflow.app.stack import StackConfig
 from tests import models
 from tests.ops.test_stack_e2e import _bench, _run_deployment
 

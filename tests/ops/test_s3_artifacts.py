@@ -11,9 +11,9 @@ import onnxruntime as ort
 import pytest
 from mlflow import MlflowClient
 
-from bladeflow.settings import Settings
-from bladeflow.stack import StackConfig
-from flows.optimize import OptimizeParams, optimize_flow
+from bladeflow.app.stack import StackConfig
+from bladeflow.core.settings import Settings
+from bladeflow.flows.optimize import OptimizeParams, optimize_flow
 
 
 def _s3(cfg: StackConfig) -> object:

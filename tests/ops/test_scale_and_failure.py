@@ -9,11 +9,11 @@ from mlflow import MlflowClient
 from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-from bladeflow import stack_proc
-from bladeflow.errors import RegistryError
-from bladeflow.settings import Settings
-from flows.deployments import with_dask
-from flows.optimize import OptimizeParams, optimize_flow
+from bladeflow.app import stack_proc
+from bladeflow.core.errors import RegistryError
+from bladeflow.core.settings import Settings
+from bladeflow.flows.deployments import with_dask
+from bladeflow.flows.optimize import OptimizeParams, optimize_flow
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

@@ -23,9 +23,9 @@ import typer
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from bladeflow import stack, stack_proc
-from bladeflow.stack import StackConfig
-from flows.nightly import MODEL_TAG_NIGHTLY
+from bladeflow.app import stack, stack_proc
+from bladeflow.app.stack import StackConfig
+from bladeflow.flows.nightly import MODEL_TAG_NIGHTLY
 from tests import models
 
 pytestmark = pytest.mark.slow
@@ -157,7 +157,13 @@ def test_nightly_deployment_second_run_skips(live_stack: StackConfig):
 def test_benchmark_runs_on_the_work_pool_the_parameter_names(live_stack: StackConfig):
     # setup: a second pool ("the GPU machines") with its own worker, and a pool nobody polls
     env = stack.service_env(live_stack)
-    deploy = [sys.executable, "-m", "flows.deployments", "--work-pool", live_stack.work_pool]
+    deploy = [
+        sys.executable,
+        "-m",
+        "bladeflow.flows.deployments",
+        "--work-pool",
+        live_stack.work_pool,
+    ]
     deploy += ["--target-pool", "gpu-sim", "--target-pool", "nobody"]
     subprocess.run(deploy, env=env, check=True, capture_output=True, timeout=300)
     worker = subprocess.Popen(

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from bladeflow import stack_proc
-from bladeflow.stack import StackConfig, services, stack_status, write_env_file
-from bladeflow.stack_proc import Record, Service, StackError
+from bladeflow.app import stack_proc
+from bladeflow.app.stack import StackConfig, services, stack_status, write_env_file
+from bladeflow.app.stack_proc import Record, Service, StackError
 
 
 def _http_service(tmp_path: Path, port: int) -> Service:

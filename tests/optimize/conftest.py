@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bladeflow.contract import DataRef, ModelArtifact, Tolerance
-from tasks.convert.onnx_source import load_onnx_source
-from tasks.optimize.base import PassContext
-from tasks.validate.accuracy import REFERENCE_SESSION, predict
-from tasks.validate.data import Dataset, synthesize
+from bladeflow.core.contract import DataRef, ModelArtifact, Tolerance
+from bladeflow.tasks.convert.onnx_source import load_onnx_source
+from bladeflow.tasks.optimize.base import PassContext
+from bladeflow.tasks.validate.accuracy import REFERENCE_SESSION, predict
+from bladeflow.tasks.validate.data import Dataset, synthesize
 
 
 @dataclass

@@ -7,12 +7,12 @@ import numpy as np
 import onnx
 import pytest
 
-from bladeflow.contract import Tolerance
-from tasks.optimize.base import PassNotApplicable, all_passes, get_pass
-from tasks.optimize.recipes import BASELINE_SESSION, build_candidate, parse_passes
-from tasks.optimize.runtime import physical_cores
-from tasks.optimize.transformer_fusion import detect_transformer
-from tasks.validate.accuracy import compare, predict
+from bladeflow.core.contract import Tolerance
+from bladeflow.tasks.optimize.base import PassNotApplicable, all_passes, get_pass
+from bladeflow.tasks.optimize.recipes import BASELINE_SESSION, build_candidate, parse_passes
+from bladeflow.tasks.optimize.session import physical_cores
+from bladeflow.tasks.optimize.transformer_fusion import detect_transformer
+from bladeflow.tasks.validate.accuracy import compare, predict
 from tests import models
 from tests.optimize import tiny
 from tests.optimize.conftest import Prepared, prepare
@@ -167,7 +167,7 @@ def test_int8_dynamic_settings_follow_the_cpu_isa():
     # setup
     avx2 = {"arch": "x86_64", "isa": ["avx2", "fma"], "gpus": []}
     vnni = {"arch": "x86_64", "isa": ["avx2", "avx512f", "avx512_vnni"], "gpus": []}
-    from tasks.optimize.quant_dynamic import QuantizeDynamicConfig, resolve
+    from bladeflow.tasks.optimize.int8_dynamic import QuantizeDynamicConfig, resolve
 
     # execute
     on_avx2 = resolve(QuantizeDynamicConfig(), avx2)

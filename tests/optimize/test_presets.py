@@ -6,12 +6,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from bladeflow.contract import SessionConfig, Tolerance
-from bladeflow.environment import hardware
-from tasks.optimize.base import PassNotApplicable
-from tasks.optimize.gpu import TensorrtConfig, profile_shapes, tensorrt_provider_options
-from tasks.optimize.quant_static import graph_op_types
-from tasks.optimize.recipes import (
+from bladeflow.core.contract import SessionConfig, Tolerance
+from bladeflow.core.environment import hardware
+from bladeflow.tasks.optimize.base import PassNotApplicable
+from bladeflow.tasks.optimize.int8_static import graph_op_types
+from bladeflow.tasks.optimize.recipes import (
     BASELINE,
     PRESETS,
     build_candidate,
@@ -19,7 +18,12 @@ from tasks.optimize.recipes import (
     plan_recipes,
     resolve_recipes,
 )
-from tasks.validate.accuracy import compare, predict
+from bladeflow.tasks.optimize.tensorrt import (
+    TensorrtConfig,
+    profile_shapes,
+    tensorrt_provider_options,
+)
+from bladeflow.tasks.validate.accuracy import compare, predict
 from tests.optimize.conftest import Prepared
 
 NO_GPU = {"cpu": "test", "arch": "x86_64", "isa": ["avx2", "fma"], "threads": 2, "gpus": []}
@@ -60,7 +64,7 @@ def test_cpu_preset_is_isa_aware():
 
 def test_inapplicable_pass_is_refused_at_build_time(tiny_model_path: Path, tmp_path: Path):
     # setup
-    from tasks.convert.onnx_source import load_onnx_source
+    from bladeflow.tasks.convert.onnx_source import load_onnx_source
 
     model = load_onnx_source(tiny_model_path, tmp_path / "conv")
     recipe = parse_passes("cuda")[0]
@@ -179,9 +183,9 @@ def test_tensorrt_options_travel_in_the_session_config_and_resolve_next_to_the_m
     tiny_model_path: Path, tmp_path: Path
 ):
     # setup: the pass itself (build_candidate would refuse it without a GPU)
-    from bladeflow.runtime import provider_list
-    from tasks.convert.onnx_source import load_onnx_source
-    from tasks.optimize.gpu import TensorrtExecution
+    from bladeflow.core.runtime import provider_list
+    from bladeflow.tasks.convert.onnx_source import load_onnx_source
+    from bladeflow.tasks.optimize.tensorrt import TensorrtExecution
 
     model = load_onnx_source(tiny_model_path, tmp_path / "converted")
     step = TensorrtExecution({"fp16": True})

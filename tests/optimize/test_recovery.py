@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from bladeflow.contract import Tolerance
-from tasks.optimize.base import PassNotApplicable
-from tasks.optimize.recipes import build_candidate, parse_passes, plan_recipes
-from tasks.validate.accuracy import compare, predict
+from bladeflow.core.contract import Tolerance
+from bladeflow.tasks.optimize.base import PassNotApplicable
+from bladeflow.tasks.optimize.recipes import build_candidate, parse_passes, plan_recipes
+from bladeflow.tasks.validate.accuracy import compare, predict
 from tests.optimize import tiny
 from tests.optimize.conftest import prepare
 

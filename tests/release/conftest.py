@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from bladeflow import registry
-from bladeflow.settings import Settings
-from tasks.release import tracking
-from tasks.release.plan import GatePolicy, ReleasePlan, StagePlan
+from bladeflow.core import registry
+from bladeflow.core.settings import Settings
+from bladeflow.tasks.release import tracking
+from bladeflow.tasks.release.plan import GatePolicy, ReleasePlan, StagePlan
 
 
 @pytest.fixture(scope="session")

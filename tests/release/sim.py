@@ -1,9 +1,10 @@
 """A stand-in for the serving fleet in flow tests: follows the registry, synthesizes traffic.
 
 It reads aliases and weights from the real registry (like ``serving/fleet.py``), routes a fixed
-request rate with ``serving.routing.choose_role``, records outcomes in the real
-``serving.metrics.Metrics`` and answers ``/metrics`` and ``/v2/models/NAME`` on loopback. Each
-version has a profile (error share, latency, output agreement). The end-to-end test in
+request rate with ``bladeflow.serving.routing.choose_role``, records outcomes in the
+real ``bladeflow.serving.metrics.Metrics`` and answers ``/metrics`` and ``/v2/models/NAME`` on
+loopback. Each version has a profile (error share, latency, output agreement). The end-to-end
+test in
 ``test_release_e2e.py`` uses the real server instead.
 """
 
@@ -17,10 +18,10 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from bladeflow.settings import Settings
-from serving.metrics import Metrics
-from serving.routing import CANARY, CHAMPION, SHADOW, choose_role
-from tasks.release import state as st
+from bladeflow.core.settings import Settings
+from bladeflow.serving.metrics import Metrics
+from bladeflow.serving.routing import CANARY, CHAMPION, SHADOW, choose_role
+from bladeflow.tasks.release import state as st
 
 
 @dataclass

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from serving.metrics import Metrics
-from tasks.release import metrics
-from tasks.release.gates import Decision, champion_reference, judge
-from tasks.release.plan import GatePolicy, ReleasePlan, StagePlan, load_plan
+from bladeflow.serving.metrics import Metrics
+from bladeflow.tasks.release import metrics
+from bladeflow.tasks.release.gates import Decision, champion_reference, judge
+from bladeflow.tasks.release.plan import GatePolicy, ReleasePlan, StagePlan, load_plan
 
 MODEL = "m"
 CANARY_STAGE = StagePlan(

@@ -14,14 +14,18 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from bladeflow import registry
-from bladeflow.settings import Settings
-from flows.release import release_flow
-from tasks.release import cli as release_cli
-from tasks.release import engine
-from tasks.release import state as st
-from tasks.release.errors import NotValidatedError, ReleaseConflictError, ReleaseRolledBackError
-from tasks.release.plan import OnInsufficientTraffic, StagePlan
+from bladeflow.app import release_cli
+from bladeflow.core import registry
+from bladeflow.core.settings import Settings
+from bladeflow.flows.release import release_flow
+from bladeflow.tasks.release import engine
+from bladeflow.tasks.release import state as st
+from bladeflow.tasks.release.errors import (
+    NotValidatedError,
+    ReleaseConflictError,
+    ReleaseRolledBackError,
+)
+from bladeflow.tasks.release.plan import OnInsufficientTraffic, StagePlan
 from tests.release.conftest import Background, quick_plan
 from tests.release.sim import Profile, SimServing
 
@@ -305,8 +309,8 @@ def test_model_tags_are_the_documented_registry_schema():
 
 KILLABLE = """
 import sys
-from bladeflow.settings import Settings
-from tasks.release.engine import Releaser, ReleaseParams
+from bladeflow.core.settings import Settings
+from bladeflow.tasks.release.engine import Releaser, ReleaseParams
 params = ReleaseParams.model_validate_json(sys.argv[1])
 r = Releaser(params, Settings.from_env())
 begin = r.begin()

@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from bladeflow import stack, stack_proc
-from bladeflow.stack import StackConfig
+from bladeflow.app import stack, stack_proc
+from bladeflow.app.stack import StackConfig
 from tests import models
 
-BIN = [sys.executable, "-m", "bladeflow.cli"]
+BIN = [sys.executable, "-m", "bladeflow.app.cli"]
 # What the CLI runs in these tests: one recipe besides the baseline, a token benchmark.
 FAST = [
     "-b",

@@ -20,7 +20,7 @@ import aiohttp
 import numpy as np
 import pytest
 
-from bladeflow.settings import Settings
+from bladeflow.core.settings import Settings
 from tests import models
 from tests.serving.conftest import Registry, Server, start_server
 

@@ -36,7 +36,7 @@ def cli(tmp_path: Path) -> Iterator[Callable[..., tuple[int, str, str]]]:
     """
     from typer.testing import CliRunner
 
-    from bladeflow.cli import app
+    from bladeflow.app.cli import app
 
     runner = CliRunner()
 

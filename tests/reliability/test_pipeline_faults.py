@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from bladeflow import stack_proc
+from bladeflow.app import stack_proc
 from tests.reliability.pipeline_helpers import (
     FAST,
     S3_KEYS,
@@ -390,7 +390,7 @@ def test_credentials_in_flow_parameters_are_refused(scenario):
     )
     from pydantic import ValidationError
 
-    from flows.optimize import OptimizeParams
+    from bladeflow.flows.optimize import OptimizeParams
 
     with pytest.raises(ValidationError) as info:
         OptimizeParams(source="m.onnx", name="m", tracking_uri=f"http://u:{SECRET_PW}@h:5000")

@@ -17,25 +17,25 @@ import httpx
 import numpy as np
 import orjson
 
-import serving
-from serving.cli import serve
-from serving.metrics import Metrics
-from serving.model import LoadError, ServeOptions, _model_file
-from serving.openapi import OPENAPI
-from serving.server import ServerConfig, bind_warning
+import bladeflow.serving
+from bladeflow.app.serve_cli import serve
+from bladeflow.serving.metrics import Metrics
+from bladeflow.serving.model import LoadError, ServeOptions, _model_file
+from bladeflow.serving.openapi import OPENAPI
+from bladeflow.serving.server import ServerConfig, bind_warning
 from tests.reliability.serving_helpers import TOKEN, secured
 from tests.serving.conftest import Server, infer_body
 
 __all__ = ["secured"]  # the fixture, imported for pytest
 
 OPEN = {"/v2/health/live", "/v2/health/ready", "/openapi.json"}  # open on purpose: probes, doc
-SERVING = Path(serving.__file__).parent
+SERVING = Path(bladeflow.serving.__file__).parent
 
 
 def _routes() -> list[tuple[str, str]]:
     """(method, path template) of every route of the real app, read from the app itself."""
-    from serving.app import build_app
-    from serving.fleet import Fleet
+    from bladeflow.serving.app import build_app
+    from bladeflow.serving.fleet import Fleet
 
     fleet = Fleet(None, ["sec"], ServeOptions(), Metrics())  # never started: no registry calls
     try:

@@ -20,9 +20,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from bladeflow import registry
-from bladeflow.contract import SessionConfig
-from bladeflow.settings import Settings
+from bladeflow.core import registry
+from bladeflow.core.contract import SessionConfig
+from bladeflow.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "test-token"

@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from serving.client import Client
+from bladeflow.serving.client import Client
 from tests import models
 from tests.serving.conftest import (
     TOKEN,

@@ -9,9 +9,9 @@ import numpy as np
 import orjson
 import pytest
 
-from serving.batching import merge, split
-from serving.codec import DecodeError, InputMeta, decode_request, encode_response
-from serving.routing import CANARY, CHAMPION, choose_role, compare
+from bladeflow.serving.batching import merge, split
+from bladeflow.serving.codec import DecodeError, InputMeta, decode_request, encode_response
+from bladeflow.serving.routing import CANARY, CHAMPION, choose_role, compare
 
 X = {"x": InputMeta("x", "float32", ("batch", 3))}
 TOKENS = {
@@ -153,8 +153,9 @@ def test_encode_response_names_the_version():
 def test_import_serving_loads_no_heavy_frameworks():
     # setup
     code = (
-        "import sys, serving, serving.app, serving.fleet, serving.cli, serving.client, "
-        "serving.server; heavy = ('torch', 'tensorflow', 'tasks.optimize', 'transformers'); "
+        "import sys, bladeflow.serving.app, bladeflow.serving.fleet, bladeflow.app.serve_cli, "
+        "bladeflow.serving.client, bladeflow.serving.server; "
+        "heavy = ('torch', 'tensorflow', 'bladeflow.tasks.optimize', 'transformers'); "
         "bad = [m for m in heavy if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
     )
     # execute

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bladeflow.contract import ModelArtifact, Provenance, Signature, TensorSpec
+from bladeflow.core.contract import ModelArtifact, Provenance, Signature, TensorSpec
 from tests.models import mlp, token_model
 
 MLP_SIGNATURE = Signature(

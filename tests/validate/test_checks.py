@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bladeflow.contract import ModelArtifact
-from bladeflow.errors import DataError
-from tasks.validate.checks import check_data
-from tasks.validate.policy import DataPolicy
-from tasks.validate.prepare import prepare_validation_data
+from bladeflow.core.contract import ModelArtifact
+from bladeflow.core.errors import DataError
+from bladeflow.tasks.validate.checks import check_data
+from bladeflow.tasks.validate.policy import DataPolicy
+from bladeflow.tasks.validate.prepare import prepare_validation_data
 from tests.validate.conftest import TOKEN_SIGNATURE
 
 

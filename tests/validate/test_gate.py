@@ -8,11 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bladeflow.contract import Candidate, ModelArtifact, SessionConfig, Tolerance
-from tasks.validate.accuracy import REFERENCE_SESSION, compare, predict
-from tasks.validate.gate import accuracy_gate, candidate_steps, error_table, validate_chain
-from tasks.validate.metrics import task_metric
-from tasks.validate.policy import (
+from bladeflow.core.contract import Candidate, ModelArtifact, SessionConfig, Tolerance
+from bladeflow.tasks.validate.accuracy import REFERENCE_SESSION, compare, predict
+from bladeflow.tasks.validate.gate import (
+    accuracy_gate,
+    candidate_steps,
+    error_table,
+    validate_chain,
+)
+from bladeflow.tasks.validate.metrics import task_metric
+from bladeflow.tasks.validate.policy import (
     MetricLimit,
     OutputTolerance,
     TolerancePolicy,

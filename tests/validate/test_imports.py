@@ -10,8 +10,9 @@ def test_heavy_packages_load_lazily():
     # setup
     code = (
         "import sys\n"
-        "import tasks.validate.prepare, tasks.validate.gate, tasks.validate.report\n"
-        "import tasks.validate.checks, tasks.validate.sources, tasks.validate.metrics\n"
+        "import bladeflow.tasks.validate.prepare, bladeflow.tasks.validate.gate\n"
+        "import bladeflow.tasks.validate.report, bladeflow.tasks.validate.checks\n"
+        "import bladeflow.tasks.validate.sources, bladeflow.tasks.validate.metrics\n"
         "heavy = ['great_expectations', 'matplotlib', 'transformers', 'sklearn', 'torch']\n"
         "print(sorted(m for m in heavy if m in sys.modules))\n"
     )

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from bladeflow.contract import BenchmarkReport, LatencyStats, PassRecord, SessionConfig
-from tasks.validate.checks import check_data
-from tasks.validate.gate import accuracy_gate
-from tasks.validate.policy import TolerancePolicy
-from tasks.validate.report import (
+from bladeflow.core.contract import BenchmarkReport, LatencyStats, PassRecord, SessionConfig
+from bladeflow.tasks.validate.checks import check_data
+from bladeflow.tasks.validate.gate import accuracy_gate
+from bladeflow.tasks.validate.policy import TolerancePolicy
+from bladeflow.tasks.validate.report import (
     SYNTHETIC_WARNING,
     RunResults,
     version_description,

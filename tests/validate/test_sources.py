@@ -9,9 +9,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bladeflow.contract import ModelArtifact
-from bladeflow.errors import DataError
-from tasks.validate.prepare import prepare_data, prepare_validation_data, read_data, read_labels
+from bladeflow.core.contract import ModelArtifact
+from bladeflow.core.errors import DataError
+from bladeflow.tasks.validate.prepare import (
+    prepare_data,
+    prepare_validation_data,
+    read_data,
+    read_labels,
+)
 
 X = np.random.default_rng(1).standard_normal((12, 8)).astype(np.float32)
 LABELS = np.arange(12) % 4

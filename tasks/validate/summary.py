@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bladeflow.contract import AccuracyReport, BenchmarkReport, OptimizeResult
+from bladeflow.core.contract import AccuracyReport, BenchmarkReport, OptimizeResult
 
 
 def latency_table(result: OptimizeResult) -> list[dict[str, str]]:

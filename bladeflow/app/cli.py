@@ -14,12 +14,12 @@ from typing import Any
 
 import typer
 
-from bladeflow.errors import BladeflowError, UserInputError
-from bladeflow.settings import Settings
-from bladeflow.stack import down as stack_down
-from bladeflow.stack import up as stack_up
-from serving.cli import serve
-from tasks.release import cli as release_cli
+from bladeflow.app import release_cli
+from bladeflow.app.serve_cli import serve
+from bladeflow.app.stack import down as stack_down
+from bladeflow.app.stack import up as stack_up
+from bladeflow.core.errors import BladeflowError, UserInputError
+from bladeflow.core.settings import Settings
 
 app = typer.Typer(
     name="bladeflow",
@@ -54,7 +54,7 @@ def _say(message: str) -> None:
 
 
 def _fail(exc: BladeflowError) -> typer.Exit:
-    from bladeflow.redact import redact
+    from bladeflow.core.redact import redact
 
     kind = {2: "bad input", 3: "accuracy gate failed"}.get(exc.exit_code, "error")
     _say(redact(f"bladeflow: {kind}: {exc}"))
@@ -68,7 +68,7 @@ def _settings(home: Path | None, tracking_uri: str | None) -> Settings:
     import os
     from dataclasses import replace
 
-    from bladeflow.redact import split_credentials
+    from bladeflow.core.redact import split_credentials
 
     settings = Settings.from_env(home=home, tracking_uri=tracking_uri)
     tracking, user, password = split_credentials(settings.tracking_uri)
@@ -270,12 +270,12 @@ def demo(
 ) -> None:
     """Optimize and register all-MiniLM-L6-v2 as a semantic matcher; print the table.
 
-    The pretrained encoder becomes a two-text similarity model (bladeflow.matcher), validated on
+    The pretrained encoder becomes a two-text similarity model (bladeflow.app.matcher), validated on
     300 real sentence pairs, benchmarked against PyTorch eager.
     """
     import os
 
-    from bladeflow.matcher import MATCHER_NAME, MATCHER_SOURCE, build_validation_set, minilm_dir
+    from bladeflow.app.matcher import MATCHER_NAME, MATCHER_SOURCE, build_validation_set, minilm_dir
 
     settings = _settings(home, tracking_uri)
     settings.apply()
@@ -306,7 +306,7 @@ def info(home: Path | None = HOME_OPTION, tracking_uri: str | None = TRACKING_OP
     """Show the resolved settings, this machine's hardware fingerprint and tool versions."""
     import json
 
-    from bladeflow.environment import hardware, tool_versions
+    from bladeflow.core.environment import hardware, tool_versions
 
     settings = Settings.from_env(home=home, tracking_uri=tracking_uri)
     typer.echo(
@@ -386,7 +386,7 @@ def _dynamic_axes(text: str | None) -> dict[str, dict[int, str]] | None:
 def _optimize_params(**kwargs: Any) -> Any:
     from pydantic import ValidationError
 
-    from flows.optimize import OptimizeParams
+    from bladeflow.flows.optimize import OptimizeParams
 
     try:
         return OptimizeParams(**kwargs)
@@ -399,11 +399,11 @@ def _preflight(params: Any) -> None:
     """Fail fast on bad input, before the flow (and a Prefect server) starts."""
     import tempfile
 
-    from tasks.convert.base import get_converter
-    from tasks.convert.dispatch import detect
-    from tasks.convert.onnx_source import load_onnx_source
-    from tasks.optimize.recipes import resolve_recipes
-    from tasks.validate.data import check_array_files, load_npz
+    from bladeflow.tasks.convert.base import get_converter
+    from bladeflow.tasks.convert.dispatch import detect
+    from bladeflow.tasks.convert.onnx_source import load_onnx_source
+    from bladeflow.tasks.optimize.recipes import resolve_recipes
+    from bladeflow.tasks.validate.data import check_array_files, load_npz
 
     fmt = detect(params.source, params.format)
     get_converter(fmt).precheck(params.source)  # size limit, truncated archives: no framework
@@ -433,7 +433,7 @@ def _check_tracking_server(uri: str | None) -> None:
 
     import requests
 
-    from bladeflow.errors import RegistryError
+    from bladeflow.core.errors import RegistryError
 
     if not uri or not uri.startswith(("http://", "https://")):
         return
@@ -455,7 +455,7 @@ def _check_tracking_server(uri: str | None) -> None:
 
 def _check_experiment(uri: str | None) -> None:
     """Exit 4 before any work when the experiment's artifact store cannot be used from here."""
-    from tasks.register.mlflow_registry import ensure_experiment
+    from bladeflow.tasks.register.mlflow_registry import ensure_experiment
 
     ensure_experiment(Settings.from_env().with_tracking_uri(uri))
 
@@ -480,11 +480,11 @@ def quiet_user_error_tracebacks() -> None:
 
 
 def _run_optimize(params: Any) -> Any:
-    from flows.optimize import optimize_flow
+    from bladeflow.flows.optimize import optimize_flow
 
     quiet_user_error_tracebacks()
 
-    from bladeflow.redact import redact
+    from bladeflow.core.redact import redact
 
     _say(
         redact(
@@ -498,7 +498,7 @@ def _run_optimize(params: Any) -> Any:
 
 
 def _print_result(result: Any, settings: Settings) -> None:
-    from bladeflow.report import latency_table, render_table
+    from bladeflow.tasks.validate.summary import latency_table, render_table
 
     if result.synthetic_data:
         typer.echo("NOTE: accuracy was judged on synthetic inputs; pass --data for a real verdict.")

@@ -1,4 +1,4 @@
-"""GPU execution: CUDA and TensorRT execution providers (skipped with a reason without a GPU)."""
+"""TensorRT execution provider with optimization profiles and an engine cache (GPU only)."""
 
 from __future__ import annotations
 
@@ -10,49 +10,11 @@ from typing import Any
 import onnx
 from pydantic import Field
 
-from bladeflow.contract import ModelArtifact, SessionConfig
-from tasks.optimize.base import OptimizationPass, PassConfig, PassContext
+from bladeflow.core.contract import ModelArtifact, SessionConfig
+from bladeflow.tasks.optimize.base import OptimizationPass, PassConfig, PassContext
+from bladeflow.tasks.optimize.cuda import gpu_missing
 
 PROVIDER_OPTIONS_FILE = "provider_options.json"
-
-
-def gpu_missing(hw: dict[str, Any], provider: str) -> str | None:
-    """Why ``provider`` cannot run here, or None."""
-    import onnxruntime as ort
-
-    if not hw.get("gpus"):
-        return "no NVIDIA GPU found (nvidia-smi lists none)"
-    if provider not in ort.get_available_providers():
-        return (
-            f"this onnxruntime build ({ort.__version__}) has no {provider}; install the gpu extra "
-            "(onnxruntime-gpu) in its own environment"
-        )
-    return None
-
-
-class CudaConfig(PassConfig):
-    device_id: int = 0
-
-
-class CudaExecution(OptimizationPass):
-    """Runs the model on the CUDA execution provider (CPU fallback for unsupported ops)."""
-
-    name = "cuda"
-    config_cls = CudaConfig
-    config: CudaConfig
-    changes_graph = False
-
-    @classmethod
-    def applicable(cls, hardware: dict[str, Any]) -> str | None:
-        return gpu_missing(hardware, "CUDAExecutionProvider")
-
-    def apply(self, source: Path, output: Path) -> None:  # pragma: no cover - never called
-        raise NotImplementedError("the cuda pass only changes the session")
-
-    def session_config(self, current: SessionConfig) -> SessionConfig:
-        return current.model_copy(
-            update={"providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
-        )
 
 
 class TensorrtConfig(PassConfig):

@@ -2,7 +2,7 @@
 
 Wiring (bladeflow/cli.py)::
 
-    from tasks.release import cli as release_cli
+    from bladeflow.app import release_cli
     release_app = typer.Typer(name="release", help="Staged gray release.", no_args_is_help=True)
     for fn in (release_cli.start, release_cli.status, release_cli.promote, release_cli.rollback):
         release_app.command()(fn)
@@ -23,8 +23,8 @@ from typing import Any
 
 import typer
 
-from bladeflow.errors import BladeflowError
-from bladeflow.settings import Settings
+from bladeflow.core.errors import BladeflowError
+from bladeflow.core.settings import Settings
 
 HOME = typer.Option(
     None, "--home", envvar="BLADEFLOW_HOME", help="Data folder [default: ./.bladeflow]."
@@ -77,8 +77,8 @@ def start(
     """
     from pydantic import ValidationError
 
-    from tasks.release.engine import ReleaseParams
-    from tasks.release.plan import load_plan
+    from bladeflow.tasks.release.engine import ReleaseParams
+    from bladeflow.tasks.release.plan import load_plan
 
     settings = _settings(home, tracking_uri)
     try:
@@ -94,12 +94,12 @@ def start(
                 **extra,
             )
         except ValidationError as exc:
-            from bladeflow.errors import UserInputError
+            from bladeflow.core.errors import UserInputError
 
             raise UserInputError(
                 "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             ) from None
-        from flows.release import release_flow
+        from bladeflow.flows.release import release_flow
 
         typer.echo(
             f"release: {name} version {version} ({len(params.plan.stages)} stages)", err=True
@@ -127,8 +127,8 @@ def status(
     tracking_uri: str | None = TRACKING,
 ) -> None:
     """Show champion, canary, weights, the lease and the release in progress (read-only)."""
-    from tasks.release.engine import describe
-    from tasks.release.tracking import client
+    from bladeflow.tasks.release.engine import describe
+    from bladeflow.tasks.release.tracking import client
 
     settings = _settings(home, tracking_uri)
     try:
@@ -156,8 +156,8 @@ def promote(
     tracking_uri: str | None = TRACKING,
 ) -> None:
     """Finish the release in progress now: its canary becomes the champion."""
-    from tasks.release.engine import default_actor, force_promote
-    from tasks.release.tracking import client
+    from bladeflow.tasks.release.engine import default_actor, force_promote
+    from bladeflow.tasks.release.tracking import client
 
     settings = _settings(home, tracking_uri)
     try:
@@ -173,8 +173,8 @@ def rollback(
     tracking_uri: str | None = TRACKING,
 ) -> None:
     """Stop the release in progress (canary gets no traffic), else restore the previous champion."""
-    from tasks.release.engine import default_actor, force_rollback
-    from tasks.release.tracking import client
+    from bladeflow.tasks.release.engine import default_actor, force_rollback
+    from bladeflow.tasks.release.tracking import client
 
     settings = _settings(home, tracking_uri)
     try:

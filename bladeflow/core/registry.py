@@ -1,6 +1,8 @@
 """The MLflow registry schema bladeflow writes and every later stage (serving, release) reads.
 
-Keep these names: deployed servers and users' scripts depend on them.
+Every tag, alias and run-tag name bladeflow uses is defined here, once, with a comment. Keep these
+names: deployed servers and users' scripts depend on them. Outcome values are
+:class:`bladeflow.core.outcome.Outcome`.
 """
 
 from __future__ import annotations
@@ -9,8 +11,8 @@ import json
 import re
 from typing import Any
 
-from bladeflow.contract import PassRecord, SessionConfig
-from bladeflow.errors import UserInputError
+from bladeflow.core.contract import PassRecord, SessionConfig
+from bladeflow.core.errors import UserInputError
 
 # Model-version tags.
 TAG_SOURCE = "bladeflow.source"  # the source path/URI the user gave
@@ -23,6 +25,21 @@ TAG_SYNTHETIC = "bladeflow.synthetic_data"  # "true" when accuracy was judged on
 TAG_OPTIMIZE_PARAMS = "bladeflow.optimize_params"  # JSON of the flow parameters, for re-runs
 TAG_TOOL_VERSIONS = "bladeflow.tool_versions"  # JSON: versions of every tool that made it
 
+TAG_NIGHTLY_KEY = "bladeflow.nightly_key"  # cache key of the nightly run that produced it
+
+# Run tags (the optimize run in experiment `bladeflow`, nested candidate runs, release runs).
+RUN_TAG_OUTCOME = "bladeflow.outcome"  # an Outcome value
+RUN_TAG_REASON = "bladeflow.reason"  # why it ended so (credentials redacted, <= 5000 chars)
+RUN_TAG_VERSION = "bladeflow.version"  # the version it registered
+RUN_TAG_MODEL = "bladeflow.model"  # the registered model name the run is for
+RUN_TAG_FLOW = "bladeflow.flow"  # which flow logged the run (optimize, release)
+RUN_TAG_CANDIDATE = "bladeflow.candidate"  # nested run: the candidate's recipe name
+RUN_TAG_GATE = "bladeflow.gate"  # nested run: chosen | passed | rejected | skipped
+RUN_TAG_OWNER = "bladeflow.owner"  # JSON {host, pid, started} of the process running it
+RUN_TAG_BENCHMARK_POOL = "bladeflow.benchmark_pool"  # the work pool that timed the models
+RUN_TAG_BENCHMARK_HARDWARE = "bladeflow.benchmark_hardware"  # JSON: that pool's hardware
+RUN_TAG_LOG_FILE = "bladeflow.log_file"  # the run's log file on the machine that ran it
+
 # Aliases.
 ALIAS_CANDIDATE = "candidate"  # newest validated version
 ALIAS_CANARY = "canary"
@@ -33,6 +50,10 @@ MODEL_TAG_CANARY_WEIGHT = "bladeflow.canary_weight"  # 0-100: share of traffic f
 MODEL_TAG_SHADOW_SHARE = "bladeflow.shadow_share"  # 0-100: % of champion requests mirrored
 MODEL_TAG_PREVIOUS_CHAMPION = "bladeflow.previous_champion"  # what `release rollback` restores
 MODEL_TAG_RELEASE_LEASE = "bladeflow.release.lease"  # JSON lease: one release per model
+MODEL_TAG_NIGHTLY = "bladeflow.nightly"  # "true": re-optimize nightly
+MODEL_TAG_NIGHTLY_KEY = "bladeflow.nightly_key"  # cache key of the last completed check
+MODEL_TAG_NIGHTLY_INPUTS = "bladeflow.nightly_inputs"  # JSON: short hash of each part of the key
+MODEL_TAG_NIGHTLY_CHECKED = "bladeflow.nightly_checked_at"  # when nightly last looked
 
 # The pseudo-pass that closes every recipe: how ONNX Runtime must run the model.
 RUNTIME_STEP = "runtime.onnxruntime"

@@ -10,8 +10,8 @@ from typing import Any, Literal
 import onnx
 from pydantic import Field
 
-from bladeflow.environment import hardware
-from tasks.optimize.base import OptimizationPass, PassConfig
+from bladeflow.core.environment import hardware
+from bladeflow.tasks.optimize.base import OptimizationPass, PassConfig
 
 WeightType = Literal["auto", "QInt8", "QUInt8"]
 DEFAULT_OPS = ["MatMul", "Gemm", "Attention"]  # embeddings (Gather) stay fp32: cheap, sensitive

@@ -9,7 +9,7 @@ Starts, on 127.0.0.1 only:
   creates keep their artifacts in S3, which the local CLI cannot reach once the stack is down;
 - **prefect**: the Prefect server (``PREFECT_HOME=<home>/prefect``, analytics off);
 - **worker**: a Prefect process worker on the work pool, after the deployments are registered
-  (``python -m flows.deployments``).
+  (``python -m bladeflow.flows.deployments``).
 
 Processes, logs and the client environment live under ``<home>/stack/``. ``down`` stops exactly
 the process groups ``up`` recorded there.
@@ -30,9 +30,9 @@ from pathlib import Path
 
 import typer
 
-from bladeflow import stack_proc as proc
-from bladeflow.settings import Settings
-from bladeflow.stack_proc import Service, StackError
+from bladeflow.app import stack_proc as proc
+from bladeflow.app.stack_proc import Service, StackError
+from bladeflow.core.settings import Settings
 
 # Start order; ``down`` goes the other way.
 SERVICES = ("s3", "mlflow", "prefect", "worker")
@@ -357,7 +357,7 @@ def register_deployments(cfg: StackConfig, env: dict[str, str]) -> None:
     argv = [
         sys.executable,
         "-m",
-        "flows.deployments",
+        "bladeflow.flows.deployments",
         "--work-pool",
         cfg.work_pool,
         "--cron",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from bladeflow.settings import Settings
+from bladeflow.core.settings import Settings
 
 
 def serve(
@@ -61,10 +61,10 @@ def serve(
     'canary'; polls the registry and swaps versions without dropping requests. Exit code 2 when
     a model has no champion.
     """
-    from bladeflow.errors import UserInputError
-    from bladeflow.registry import check_model_name
-    from serving.model import ServeOptions
-    from serving.server import ServerConfig, run
+    from bladeflow.core.errors import UserInputError
+    from bladeflow.core.registry import check_model_name
+    from bladeflow.serving.model import ServeOptions
+    from bladeflow.serving.server import ServerConfig, run
 
     settings = Settings.from_env(home=home, tracking_uri=tracking_uri)
     settings.apply()
@@ -107,7 +107,7 @@ def serve(
         poll_interval_s=poll_interval,
         log_level=log_level.lower(),
     )
-    from serving.fleet import NoChampionError
+    from bladeflow.serving.fleet import NoChampionError
 
     try:
         run(settings, list(dict.fromkeys(model)), options, config)

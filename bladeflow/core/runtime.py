@@ -1,4 +1,4 @@
-"""ONNX Runtime sessions built from a :class:`~bladeflow.contract.SessionConfig`.
+"""ONNX Runtime sessions built from a :class:`~bladeflow.core.contract.SessionConfig`.
 
 Shared by validation, benchmarking and serving, so a model is always run the way its recipe says.
 """
@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from bladeflow.contract import SessionConfig
-from bladeflow.errors import ModelFileError
+from bladeflow.core.contract import SessionConfig
+from bladeflow.core.errors import ModelFileError
 
 _LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,

@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from bladeflow.contract import SessionConfig
-from tasks.optimize.base import OptimizationPass, PassConfig
+from bladeflow.core.contract import SessionConfig
+from bladeflow.tasks.optimize.base import OptimizationPass, PassConfig
 
 
 @functools.cache

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bladeflow.errors import UserInputError
+from bladeflow.core.errors import UserInputError
 
 
 class StackError(UserInputError):
