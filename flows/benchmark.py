@@ -25,6 +25,8 @@ from pydantic import BaseModel, Field
 from bladeflow.core.contract import BenchmarkReport, SessionConfig
 from bladeflow.core.environment import hardware
 from bladeflow.core.errors import BladeflowError
+from bladeflow.core.mlflow_client import mlflow_client
+from bladeflow.core.settings import Settings
 
 REMOTE_DIR = "remote-benchmark"  # artifact folder of the optimize run
 REPORT_FILE = "report.json"
@@ -58,7 +60,6 @@ class RemoteBenchmarkError(BladeflowError):
 def benchmark_flow(request: BenchmarkRequest) -> dict[str, Any]:
     """Download the models and data from the MLflow run, time them here, log the report back."""
     import mlflow.artifacts
-    from mlflow import MlflowClient
 
     from bladeflow.tasks.benchmark.incumbent import onnx_artifact
     from bladeflow.tasks.benchmark.latency import BenchmarkSettings, benchmark
@@ -111,7 +112,7 @@ def benchmark_flow(request: BenchmarkRequest) -> dict[str, Any]:
             "report": report.model_dump(mode="json"),
         }
         (out / REPORT_FILE).write_text(json.dumps(doc, indent=2))
-        MlflowClient(tracking_uri=request.tracking_uri).log_artifacts(
+        mlflow_client(Settings.from_env(tracking_uri=request.tracking_uri)).log_artifacts(
             request.run_id, str(out), request.report_path
         )
     return doc

@@ -29,6 +29,7 @@ from bladeflow.core.contract import Tolerance
 from bladeflow.core.environment import hardware_fingerprint, tool_versions
 from bladeflow.core.errors import AccuracyGateError, BladeflowError
 from bladeflow.core.hashing import sha256_path
+from bladeflow.core.mlflow_client import mlflow_client
 from bladeflow.core.settings import Settings
 from bladeflow.flows.optimize import BenchParams, OptimizeParams, optimize_flow
 
@@ -254,10 +255,7 @@ def summary_markdown(checks: list[ModelCheck]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _client(settings: Settings) -> Any:
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.registry_uri)
+_client = mlflow_client
 
 
 def _recorded_params(

@@ -37,6 +37,7 @@ from bladeflow.core.contract import (
 from bladeflow.core.environment import hardware, tool_versions
 from bladeflow.core.errors import AccuracyGateError, BladeflowError, UserInputError
 from bladeflow.core.faults import fault_point
+from bladeflow.core.outcome import Status
 from bladeflow.core.redact import redact, split_credentials
 from bladeflow.core.settings import Settings
 from bladeflow.tasks.benchmark.incumbent import INCUMBENT, download_version, resolve_version
@@ -464,15 +465,16 @@ def optimize_flow(params: OptimizeParams) -> OptimizeResult:
             ]
             outcomes = {c.name: f.result() for c, f in zip(candidates, futures, strict=True)}
             accuracy = {n: o.report for n, o in outcomes.items()}
-            not_built = {n: f"pass failed: {r}" for n, r in build_failures.items()}
-            not_built.update({n: f"skipped here: {r}" for n, r in plan.skipped.items()})
-            for name, reason in not_built.items():
+            not_built = {n: (Status.FAILED, f"pass failed: {r}") for n, r in build_failures.items()}
+            not_built.update({n: (Status.SKIPPED, r) for n, r in plan.skipped.items()})
+            for name, (status, reason) in not_built.items():
                 accuracy[name] = AccuracyReport(
                     candidate=name,
                     passed=False,
                     outputs={},
                     reason=reason,
                     synthetic_data=data.synthetic,
+                    status=status,
                 )
             passing = [c for c in candidates if accuracy[c.name].passed]
             st.outputs = {"passed": [c.name for c in passing]}

@@ -37,14 +37,14 @@ class ServerConfig:
 def make_app(settings: Settings, names: list[str], options: ServeOptions, config: ServerConfig):  # type: ignore[no-untyped-def]
     """Check that every model has a champion (raises NoChampionError) and build the ASGI app."""
     import mlflow
-    from mlflow import MlflowClient
 
+    from bladeflow.core.mlflow_client import mlflow_client
     from bladeflow.serving.app import build_app
     from bladeflow.serving.fleet import Fleet, check_champions
 
     mlflow.set_tracking_uri(settings.tracking_uri)
     mlflow.set_registry_uri(settings.registry_uri)
-    client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.registry_uri)
+    client = mlflow_client(settings)
     check_champions(client, names)
     metrics = Metrics()
     fleet = Fleet(client, names, options, metrics, poll_interval_s=config.poll_interval_s)

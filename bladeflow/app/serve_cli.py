@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from bladeflow.core.mlflow_client import SERVING_HTTP_DEFAULTS, apply_http_defaults
 from bladeflow.core.settings import Settings
 
 
@@ -72,8 +73,7 @@ def serve(
     # The poller retries every --poll-interval itself. MLflow's own defaults (7 retries with
     # exponential backoff, 120 s timeout) kept one poll of a dead registry hanging for minutes,
     # so an outage went unreported that long; fail fast and let the next poll retry.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+    apply_http_defaults(SERVING_HTTP_DEFAULTS)
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

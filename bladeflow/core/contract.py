@@ -6,11 +6,12 @@ result is cheap to pass through Prefect, easy to log to MLflow and printable as 
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from bladeflow.core.outcome import Status
 
 Dim = int | str | None
 """One tensor dimension: a fixed size, a symbolic name (dynamic), or ``None`` (unknown)."""
@@ -145,13 +146,27 @@ class OutputAccuracy(BaseModel):
 
 
 class AccuracyReport(BaseModel):
-    """Result of the accuracy gate for one candidate."""
+    """Result of the accuracy gate for one candidate.
+
+    ``status`` is OK (built and passed), FAILED (a pass, the gate or the benchmark rejected it:
+    ``reason`` says which) or SKIPPED (not tried on this machine: ``reason`` says why).
+    """
 
     candidate: str
     passed: bool
     outputs: dict[str, OutputAccuracy]
     reason: str = ""
     synthetic_data: bool = Field(description="true when inputs were generated from the signature")
+    status: Status = Field(
+        Status.OK, description="OK, FAILED or SKIPPED; derived from `passed` when not given"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_status(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "status" not in data:
+            data = {**data, "status": Status.OK if data.get("passed") else Status.FAILED}
+        return data
 
 
 class LatencyStats(BaseModel):
@@ -205,10 +220,7 @@ class BenchmarkReport(BaseModel):
         )
 
 
-class StageStatus(enum.StrEnum):
-    OK = "OK"
-    FAILED = "FAILED"
-    SKIPPED = "SKIPPED"
+StageStatus = Status  # the one status vocabulary (bladeflow.core.outcome), under its old name
 
 
 class StageResult(BaseModel):

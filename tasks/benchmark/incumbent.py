@@ -14,8 +14,8 @@ from bladeflow.core import registry
 from bladeflow.core.contract import ModelArtifact, Provenance, SessionConfig
 from bladeflow.core.errors import UserInputError
 from bladeflow.core.hashing import sha256_path
+from bladeflow.core.mlflow_client import mlflow_client as client
 from bladeflow.core.settings import Settings
-from bladeflow.tasks.register.mlflow_registry import client
 
 INCUMBENT = "incumbent"  # its label in the benchmark report
 

@@ -10,7 +10,8 @@ marks the dead process's run KILLED (:func:`reap_stale_runs`).
 
 Every MLflow call fails with a :class:`RegistryError` (exit 4) within bounded time: MLflow's own
 HTTP retries default to 7 with backoff factor 2 (about 4 minutes per call against a stopped
-server); bladeflow lowers the defaults (see ``_HTTP_DEFAULTS``) unless the environment sets them.
+server); bladeflow lowers the defaults (:mod:`bladeflow.core.mlflow_client`) unless the
+environment sets them.
 """
 
 from __future__ import annotations
@@ -30,26 +31,14 @@ from bladeflow.core import registry
 from bladeflow.core.contract import Candidate, Signature
 from bladeflow.core.errors import RegistryError, UserInputError
 from bladeflow.core.faults import fault_point
+from bladeflow.core.mlflow_client import mlflow_client
 from bladeflow.core.redact import redact
 from bladeflow.core.settings import Settings
 
 _METRIC_SAFE = re.compile(r"[^A-Za-z0-9_\-. /]")
 
-# MLflow's HTTP retry defaults (7 retries, backoff factor 2) keep one call against a stopped
-# server busy for ~4 minutes; these give up after ~6-9 s (sleeps 0, 2, 4 s plus jitter). The
-# Prefect tasks around the MLflow calls retry on top. Set the variables to override.
-_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
-
-TAG_OWNER = "bladeflow.owner"  # run tag: JSON {host, pid, started} of the process running it
-
-
-def client(settings: Settings) -> Any:
-    """An MlflowClient for the settings' tracking and registry URIs."""
-    from mlflow import MlflowClient
-
-    for key, value in _HTTP_DEFAULTS.items():
-        os.environ.setdefault(key, value)
-    return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.registry_uri)
+TAG_OWNER = registry.RUN_TAG_OWNER
+client = mlflow_client  # the one factory (bladeflow.core.mlflow_client), kept under its old name
 
 
 @contextlib.contextmanager

@@ -14,16 +14,14 @@ import time
 from typing import Any
 
 from bladeflow.core.errors import RegistryError
+from bladeflow.core.mlflow_client import mlflow_client
 from bladeflow.core.settings import Settings
 
 EXPERIMENT = "bladeflow-releases"
 ENV_EXPERIMENT = "BLADEFLOW_RELEASE_EXPERIMENT"
 
 
-def client(settings: Settings) -> Any:
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.registry_uri)
+client = mlflow_client  # the one factory (bladeflow.core.mlflow_client)
 
 
 def experiment_id(c: Any, settings: Settings) -> str:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from bladeflow.core.contract import AccuracyReport, BenchmarkReport, OptimizeResult
+from bladeflow.core.outcome import Status
 
 
 def latency_table(result: OptimizeResult) -> list[dict[str, str]]:
@@ -54,8 +55,8 @@ def candidate_rows(
         stats = bench.models.get(name, {}).get(objective_batch) if bench else None
         if name == chosen:
             decision = "chosen: best on the objective among those that passed"
-        elif _skipped(acc):
-            decision = acc.reason
+        elif acc.status is Status.SKIPPED:
+            decision = f"skipped here: {acc.reason}"
         elif not acc.passed:
             decision = f"rejected: {acc.reason}"
         elif bench and (why := bench.slower_than(name, "baseline", skip=[objective_batch])):
@@ -65,7 +66,7 @@ def candidate_rows(
         rows.append(
             {
                 "candidate": name,
-                "gate": "pass" if acc.passed else ("skipped" if _skipped(acc) else "FAIL"),
+                "gate": GATE_LABEL[acc.status],
                 "max_abs_error": worst_abs_error(acc),
                 "min_cosine": worst_cosine(acc),
                 f"p50_ms@{objective_batch}": stats.p50_ms if stats else None,
@@ -75,9 +76,7 @@ def candidate_rows(
     return rows
 
 
-def _skipped(acc: AccuracyReport) -> bool:
-    """A recipe that was not built here (no GPU, nothing to do on this graph), not a failure."""
-    return not acc.outputs and acc.reason.startswith("skipped here")
+GATE_LABEL = {Status.OK: "pass", Status.FAILED: "FAIL", Status.SKIPPED: "skipped"}
 
 
 def candidates_markdown(
