@@ -16,13 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from bladeflow.core import registry
 from bladeflow.core.contract import Tolerance
@@ -30,40 +29,18 @@ from bladeflow.core.environment import hardware_fingerprint, tool_versions
 from bladeflow.core.errors import AccuracyGateError, BladeflowError
 from bladeflow.core.hashing import sha256_path
 from bladeflow.core.mlflow_client import mlflow_client
+from bladeflow.core.outcome import Outcome
+from bladeflow.core.params import NightlyParams, OptimizeParams
 from bladeflow.core.settings import Settings
-from bladeflow.flows.optimize import BenchParams, OptimizeParams, optimize_flow
+from bladeflow.flows.optimize import optimize_flow
 
-MODEL_TAG_NIGHTLY = "bladeflow.nightly"  # "true": re-optimize nightly
-MODEL_TAG_KEY = "bladeflow.nightly_key"  # cache key of the last completed check
-MODEL_TAG_INPUTS = "bladeflow.nightly_inputs"  # JSON: short hash of each part of the key
-MODEL_TAG_CHECKED = "bladeflow.nightly_checked_at"
-VERSION_TAG_KEY = "bladeflow.nightly_key"  # on versions the nightly run kept
-
-
-class Outcome(StrEnum):
-    SKIPPED = "skipped"
-    IMPROVED = "improved"
-    NOT_IMPROVED = "not_improved"
-    FAILED = "failed"
-
-
-class NightlyParams(BaseModel):
-    """Parameters of the nightly re-optimization (a form in the Prefect UI)."""
-
-    min_speedup: float = Field(
-        1.05,
-        gt=0,
-        description="keep a new version only if current/new latency (or new/current throughput) "
-        "at the objective batch size is at least this",
-    )
-    models: list[str] | None = Field(None, description="only these opted-in models (default all)")
-    force: bool = Field(False, description="re-optimize even when nothing changed")
-    bench: BenchParams | None = Field(None, description="benchmark length (default: recorded)")
-    release: bool = Field(
-        False, description="start the release deployment for each kept version (when registered)"
-    )
-    release_deployment: str = Field("release/release", description="flow/deployment to start")
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI override")
+MODEL_TAG_NIGHTLY = registry.MODEL_TAG_NIGHTLY
+MODEL_TAG_KEY = registry.MODEL_TAG_NIGHTLY_KEY
+MODEL_TAG_INPUTS = registry.MODEL_TAG_NIGHTLY_INPUTS
+MODEL_TAG_CHECKED = registry.MODEL_TAG_NIGHTLY_CHECKED
+VERSION_TAG_KEY = registry.TAG_NIGHTLY_KEY
+# What a nightly check can end as (the summary counts these, in this order).
+NIGHTLY_OUTCOMES = (Outcome.UNCHANGED, Outcome.IMPROVED, Outcome.NOT_IMPROVED, Outcome.FAILED)
 
 
 class ModelCheck(BaseModel):
@@ -197,7 +174,7 @@ def check_model(settings: Settings, name: str, params: NightlyParams) -> ModelCh
         return ModelCheck(name=name, outcome=Outcome.FAILED, reason=plan)
     base = {"name": name, "current_version": plan.current_version, "key": plan.key}
     if plan.stored_key == plan.key and not params.force:
-        return ModelCheck(**base, outcome=Outcome.SKIPPED, reason="nothing changed")
+        return ModelCheck(**base, outcome=Outcome.UNCHANGED, reason="nothing changed")
     changed = _changed(plan)
     logger.info("nightly: re-optimizing %s (changed: %s)", name, changed)
     # The optimize flow times the current version beside the new candidates and registers
@@ -212,7 +189,7 @@ def check_model(settings: Settings, name: str, params: NightlyParams) -> ModelCh
         return ModelCheck(**base, outcome=Outcome.FAILED, reason=f"accuracy gate: {exc}")
     except BladeflowError as exc:
         return ModelCheck(**base, outcome=Outcome.FAILED, reason=str(exc))
-    keep = result.outcome == "registered"
+    keep = result.outcome == Outcome.REGISTERED
     speedup = result.incumbent_speedup or 0.0
     if keep:
         tag_kept_task(settings, plan, result.version)
@@ -232,7 +209,7 @@ def check_model(settings: Settings, name: str, params: NightlyParams) -> ModelCh
 
 def summary_markdown(checks: list[ModelCheck]) -> str:
     """The summary artifact: one row per model."""
-    counts = {o: sum(c.outcome == o for c in checks) for o in Outcome}
+    counts = {o: sum(c.outcome == o for c in checks) for o in NIGHTLY_OUTCOMES}
     lines = [
         "# Nightly re-optimization",
         "",

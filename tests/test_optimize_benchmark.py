@@ -119,7 +119,7 @@ def _stats(bs: int, p50: float) -> LatencyStats:
 
 def test_selection_never_takes_a_candidate_slower_than_the_baseline_at_a_measured_batch():
     # setup: int8 wins at batch 1 and loses 30% at batch 32; fused wins a little at both
-    from bladeflow.flows.optimize import _select
+    from bladeflow.tasks.benchmark.select import Objective, select_candidate
 
     timings = {
         BASELINE: (10.0, 100.0),
@@ -134,7 +134,7 @@ def test_selection_never_takes_a_candidate_slower_than_the_baseline_at_a_measure
         Candidate(name=n, recipe=[], artifact=_artifact(), session=SessionConfig()) for n in timings
     ]
     # execute
-    chosen = _select(cands, bench, "latency", 1)
+    chosen = select_candidate(cands, bench, Objective(kind="latency", batch=1))
     reason = bench.slower_than("int8", BASELINE, skip=[1])
     # assert
     assert chosen.name == "fused"

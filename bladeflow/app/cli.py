@@ -386,7 +386,7 @@ def _dynamic_axes(text: str | None) -> dict[str, dict[int, str]] | None:
 def _optimize_params(**kwargs: Any) -> Any:
     from pydantic import ValidationError
 
-    from bladeflow.flows.optimize import OptimizeParams
+    from bladeflow.core.params import OptimizeParams
 
     try:
         return OptimizeParams(**kwargs)

@@ -77,7 +77,7 @@ def start(
     """
     from pydantic import ValidationError
 
-    from bladeflow.tasks.release.engine import ReleaseParams
+    from bladeflow.core.params import ReleaseParams
     from bladeflow.tasks.release.plan import load_plan
 
     settings = _settings(home, tracking_uri)

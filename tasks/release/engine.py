@@ -22,61 +22,27 @@ import socket
 import time
 from typing import Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 
-from bladeflow.core import registry
 from bladeflow.core.errors import UserInputError
+from bladeflow.core.params import ReleaseParams
 from bladeflow.core.settings import Settings
 from bladeflow.tasks.release import state as st
 from bladeflow.tasks.release import tracking
 from bladeflow.tasks.release.errors import ReleaseRolledBackError
 from bladeflow.tasks.release.gates import Decision, GateResult, champion_reference, judge
 from bladeflow.tasks.release.metrics import RoleStats, Samples, delta, total
-from bladeflow.tasks.release.plan import OnInsufficientTraffic, ReleasePlan
+from bladeflow.tasks.release.plan import OnInsufficientTraffic
 from bladeflow.tasks.release.scrape import Scraper
 
 log = logging.getLogger("bladeflow.release")
 
-ENV_ENDPOINTS = "BLADEFLOW_SERVING_URLS"
 ENV_ACTOR = "BLADEFLOW_ACTOR"
 ENV_TOKEN = "BLADEFLOW_SERVE_TOKEN"
 
 
-def default_endpoints() -> list[str]:
-    raw = os.environ.get(ENV_ENDPOINTS, "http://127.0.0.1:8080")
-    return [u.strip() for u in raw.split(",") if u.strip()]
-
-
 def default_actor() -> str:
     return os.environ.get(ENV_ACTOR) or getpass.getuser()
-
-
-class ReleaseParams(BaseModel):
-    """Parameters of the release flow (the Prefect UI renders them as a form)."""
-
-    name: str = Field(description="registered model name")
-    version: str = Field(description="version to release (must be tagged bladeflow.validated)")
-    plan: ReleasePlan = Field(default_factory=ReleasePlan)
-    approval: bool = Field(False, description="pause for approval in the UI before the last stage")
-    endpoints: list[str] = Field(
-        default_factory=default_endpoints, description="serving base URLs (each has /metrics)"
-    )
-    actor: str | None = Field(
-        None, description="who triggered it [default: $BLADEFLOW_ACTOR/$USER]"
-    )
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI override")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return registry.check_model_name(v)
-
-    @field_validator("endpoints")
-    @classmethod
-    def _endpoints(cls, v: list[str]) -> list[str]:
-        if not v or any(not u.startswith(("http://", "https://")) for u in v):
-            raise ValueError("endpoints must be one or more http(s):// base URLs of serving")
-        return v
 
 
 class StageRecord(BaseModel):

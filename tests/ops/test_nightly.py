@@ -19,7 +19,8 @@ from bladeflow.flows.nightly import (
     nightly_flow,
     summary_markdown,
 )
-from bladeflow.flows.optimize import OptimizeParams, optimize_flow
+from bladeflow.core.params import OptimizeParams
+from bladeflow.flows.optimize import optimize_flow
 from tests import models
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -70,7 +71,7 @@ def test_second_nightly_run_skips_and_a_slower_rerun_is_not_registered(
     key = c.get_registered_model("mlp-nightly").tags[MODEL_TAG_KEY]
     assert key == first[0].key and len(key) == 32
     # assert: the second run skipped it because nothing changed
-    assert second[0].outcome == Outcome.SKIPPED and second[0].reason == "nothing changed"
+    assert second[0].outcome == Outcome.UNCHANGED and second[0].reason == "nothing changed"
     assert second[0].key == key
     assert _versions(c, "mlp-nightly") == ["1"]
 
@@ -115,7 +116,7 @@ def test_changed_source_is_reoptimized_and_a_faster_version_is_kept(
 def test_summary_lists_every_outcome():
     # setup
     checks = [
-        ModelCheck(name="a", outcome=Outcome.SKIPPED, reason="nothing changed"),
+        ModelCheck(name="a", outcome=Outcome.UNCHANGED, reason="nothing changed"),
         ModelCheck(name="b", outcome=Outcome.IMPROVED, new_version="4", speedup=1.3),
         ModelCheck(name="c", outcome=Outcome.FAILED, reason="source x | y missing"),
     ]

@@ -13,7 +13,8 @@ from mlflow import MlflowClient
 
 from bladeflow.app.stack import StackConfig
 from bladeflow.core.settings import Settings
-from bladeflow.flows.optimize import OptimizeParams, optimize_flow
+from bladeflow.core.params import OptimizeParams
+from bladeflow.flows.optimize import optimize_flow
 
 
 def _s3(cfg: StackConfig) -> object:

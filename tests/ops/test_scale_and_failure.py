@@ -13,7 +13,8 @@ from bladeflow.app import stack_proc
 from bladeflow.core.errors import RegistryError
 from bladeflow.core.settings import Settings
 from bladeflow.flows.deployments import with_dask
-from bladeflow.flows.optimize import OptimizeParams, optimize_flow
+from bladeflow.core.params import OptimizeParams
+from bladeflow.flows.optimize import optimize_flow
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

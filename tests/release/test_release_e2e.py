@@ -1,4 +1,4 @@
-"""End to end: the release flow drives a real ``python -m serving`` process under loopback load.
+"""End to end: the release flow drives a real ``bladeflow serve`` process under loopback load.
 
 A good version (same weights as the champion) must pass every stage, with the share of
 responses per ``model_version`` in each stage matching the stage's weight; a version that fails

@@ -310,7 +310,8 @@ def test_model_tags_are_the_documented_registry_schema():
 KILLABLE = """
 import sys
 from bladeflow.core.settings import Settings
-from bladeflow.tasks.release.engine import Releaser, ReleaseParams
+from bladeflow.core.params import ReleaseParams
+from bladeflow.tasks.release.engine import Releaser
 params = ReleaseParams.model_validate_json(sys.argv[1])
 r = Releaser(params, Settings.from_env())
 begin = r.begin()

@@ -390,7 +390,7 @@ def test_credentials_in_flow_parameters_are_refused(scenario):
     )
     from pydantic import ValidationError
 
-    from bladeflow.flows.optimize import OptimizeParams
+    from bladeflow.core.params import OptimizeParams
 
     with pytest.raises(ValidationError) as info:
         OptimizeParams(source="m.onnx", name="m", tracking_uri=f"http://u:{SECRET_PW}@h:5000")

@@ -1,4 +1,4 @@
-"""Security of the serving layer, on a real ``python -m serving`` process with a token set:
+"""Security of the serving layer, on a real ``bladeflow serve`` process with a token set:
 loopback by default, every non-health route behind the token, constant-time token check, the
 token never echoed, request paths never used as file paths, no pickle on the serving path."""
 

@@ -1,5 +1,5 @@
 """Serving under load: overload at 2.5x capacity, hot swap and rollback under load, an unreachable
-registry, and a soak run. Real ``python -m serving`` processes, a real MLflow registry, real ONNX
+registry, and a soak run. Real ``bladeflow serve`` processes, a real MLflow registry, real ONNX
 Runtime.
 
 The machine has 2 cores and the load generator (one asyncio thread in this process) shares them

@@ -136,10 +136,19 @@ class Server:
 def start_server(
     reg: Registry, tmp: Path, models: list[str], *args: str, token: str | None = None
 ) -> Server:
-    """``python -m serving`` on a free loopback port; returns once /v2/health/ready answers 200."""
+    """``bladeflow serve`` on a free loopback port; returns once /v2/health/ready answers 200."""
     port = free_port()
     log = tmp / f"server-{port}.log"
-    cmd = [sys.executable, "-m", "serving", "--port", str(port), "--log-level", "info"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bladeflow.app.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--log-level",
+        "info",
+    ]
     for m in models:
         cmd += ["--model", m]
     cmd += list(args)

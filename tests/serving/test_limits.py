@@ -114,7 +114,7 @@ def test_model_without_champion_is_refused_at_start(reg: Registry, tmp_path: Pat
     env = {**reg.env, "PATH": "/usr/bin:/bin"}
     # execute
     done = subprocess.run(
-        [sys.executable, "-m", "serving", "--model", "no-champ", "--port", "1"],
+        [sys.executable, "-m", "bladeflow.app.cli", "serve", "--model", "no-champ", "--port", "1"],
         cwd=ROOT,
         env=env,
         capture_output=True,

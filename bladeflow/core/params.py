@@ -1,0 +1,222 @@
+"""Parameter models of the flows: one place for what the CLI, the Prefect UI form and the nightly
+re-runs pass in. Each is a pydantic model, so the Prefect UI renders it as a form.
+
+Flow parameters are stored by Prefect and shown in its UI, so none of them may carry a password:
+``tracking_uri`` refuses one (the CLI moves it into ``MLFLOW_TRACKING_USERNAME/PASSWORD``).
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field, field_validator
+
+from bladeflow.core import registry
+from bladeflow.core.contract import BenchmarkReport, LatencyStats, Tolerance
+from bladeflow.core.errors import UserInputError
+from bladeflow.core.redact import redact, split_credentials
+from bladeflow.tasks.release.plan import ReleasePlan  # moved to core at integration
+from bladeflow.tasks.validate.policy import TolerancePolicy  # moved to core at integration
+
+
+def no_password(uri: str | None) -> str | None:
+    """``uri`` if it carries no password; the validator every flow's ``tracking_uri`` uses."""
+    if uri and split_credentials(uri)[2] is not None:
+        raise ValueError(
+            f"tracking_uri {redact(uri)!r} carries a password; pass the plain URI and set "
+            "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD in the environment instead"
+        )
+    return uri
+
+
+class Objective(BaseModel):
+    """What the selection optimizes: p50 latency or throughput at one batch size."""
+
+    kind: str = Field(description="latency or throughput")
+    batch: int = Field(ge=1)
+
+    @classmethod
+    def parse(cls, objective: str) -> Objective:
+        """``latency@1`` -> latency at batch 1; ``throughput@32`` -> throughput at batch 32."""
+        kind, _, batch = objective.partition("@")
+        if kind not in {"latency", "throughput"} or not batch.isdigit() or int(batch) < 1:
+            raise UserInputError(
+                f"objective {objective!r} is not valid: use latency@BATCH or throughput@BATCH, "
+                "e.g. latency@1"
+            )
+        return cls(kind=kind, batch=int(batch))
+
+    def stats(self, bench: BenchmarkReport, label: str) -> LatencyStats:
+        """``label``'s stats at the objective's batch size (its smallest measured one if absent)."""
+        per = bench.models[label]
+        return per.get(self.batch) or per[min(per)]
+
+    def speedup(self, bench: BenchmarkReport, new: str, old: str) -> float:
+        """How many times better ``new`` is than ``old`` on this objective (>1: better)."""
+        a, b = self.stats(bench, new), self.stats(bench, old)
+        if self.kind == "latency":
+            return b.p50_ms / a.p50_ms if a.p50_ms else 0.0
+        return a.throughput / b.throughput if b.throughput else 0.0
+
+
+class BenchParams(BaseModel):
+    """How long the benchmark measures each model at each batch size."""
+
+    warmup: int = Field(5, ge=0, description="untimed runs before measuring")
+    rounds: int = Field(5, ge=1, description="interleaved rounds over all models")
+    iterations: int = Field(20, ge=1, description="timed runs per model per round")
+    max_seconds: float = Field(10.0, gt=0, description="time cap per model and batch size")
+
+
+class OptimizeParams(BaseModel):
+    """Parameters of the optimize flow (the Prefect UI renders them as a form)."""
+
+    source: str = Field(description="model file/folder/URI to optimize")
+    name: str = Field(description="registered model name in MLflow")
+    data: str | None = Field(
+        None,
+        description="validation data: .npz / folder of .npy (arrays by input name), or "
+        ".parquet/.csv/.jsonl (columns = inputs, or text columns for a tokenizer)",
+    )
+    labels_column: str | None = Field(None, description="column with labels, for task metrics")
+    text_columns: list[str] | None = Field(None, description="text column(s) to tokenize")
+    calibration: str | None = Field(None, description="separate calibration data (int8 static)")
+    min_rows: int = Field(1, ge=1, description="fewest validation samples accepted")
+    format: str | None = Field(None, description="source format; detected from the path if unset")
+    signature: str | None = Field(None, description="TensorFlow serving signature to export")
+    weights: str | None = Field(
+        None, description="Caffe: the .caffemodel beside a .prototxt (default: same stem)"
+    )
+    keep_initializer_inputs: bool = Field(
+        False, description="ONNX: keep initializers listed as graph inputs (to feed weights)"
+    )
+    input_shapes: dict[str, list[int]] = Field(
+        default_factory=dict, description="input -> example/fixed shape, e.g. x: [1, 3, 224, 224]"
+    )
+    dynamic_axes: dict[str, dict[int, str]] | None = Field(
+        None, description="input/output -> axis -> dim name; default: batch (and sequence)"
+    )
+    target_opset: int | None = Field(None, description="ONNX opset to export or upgrade to")
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8, 32])
+    preset: str = Field("cpu", description="which candidate recipes to try")
+    passes: str | None = Field(None, description="explicit recipes, e.g. 'ort_graph:level=all'")
+    objective: str = Field("latency@1", description="latency@BATCH or throughput@BATCH")
+    recovery_budget_s: float = Field(
+        300.0, ge=0, description="time budget of accuracy recovery (mixed precision) per recipe"
+    )
+    tolerance: Tolerance = Field(default_factory=Tolerance)
+    policy: TolerancePolicy | None = Field(
+        None,
+        description="full gate policy (presets, per-output overrides, task metric limit); "
+        "overrides `tolerance`",
+    )
+    bench: BenchParams = Field(default_factory=BenchParams)
+    benchmark_work_pool: str | None = Field(
+        None,
+        description="run the benchmark on this Prefect work pool (its workers sit on the target "
+        "hardware, e.g. a GPU pool) through the benchmark-on-POOL deployment",
+    )
+    benchmark_timeout_s: float = Field(
+        3600.0, gt=0, description="with benchmark_work_pool: how long to wait for its worker"
+    )
+    must_beat: str | None = Field(
+        None,
+        description="register only if faster than this version of the same model (a number or "
+        "an alias, e.g. 'champion'), timed in the same interleaved benchmark",
+    )
+    min_speedup: float = Field(
+        1.0, gt=0, description="with must_beat: incumbent/chosen at the objective, at least"
+    )
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI override")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return registry.check_model_name(v)
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials(cls, v: str | None) -> str | None:
+        return no_password(v)
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _batches(cls, v: list[int]) -> list[int]:
+        if not v or any(b < 1 for b in v):
+            raise ValueError("batch sizes must be positive integers, e.g. [1, 8, 32]")
+        return sorted(set(v))
+
+    @field_validator("objective")
+    @classmethod
+    def _objective(cls, v: str) -> str:
+        Objective.parse(v)
+        return v
+
+    def effective_policy(self) -> TolerancePolicy:
+        """The gate policy: ``policy`` when given, else the one ``tolerance`` stands for."""
+        from bladeflow.tasks.validate.policy import policy_from_tolerance
+
+        return self.policy or policy_from_tolerance(self.tolerance)
+
+
+class NightlyParams(BaseModel):
+    """Parameters of the nightly re-optimization (a form in the Prefect UI)."""
+
+    min_speedup: float = Field(
+        1.05,
+        gt=0,
+        description="keep a new version only if current/new latency (or new/current throughput) "
+        "at the objective batch size is at least this",
+    )
+    models: list[str] | None = Field(None, description="only these opted-in models (default all)")
+    force: bool = Field(False, description="re-optimize even when nothing changed")
+    bench: BenchParams | None = Field(None, description="benchmark length (default: recorded)")
+    release: bool = Field(
+        False, description="start the release deployment for each kept version (when registered)"
+    )
+    release_deployment: str = Field("release/release", description="flow/deployment to start")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI override")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials(cls, v: str | None) -> str | None:
+        return no_password(v)
+
+
+def default_endpoints() -> list[str]:
+    """Serving base URLs a release scrapes: ``BLADEFLOW_SERVING_URLS`` (comma-separated)."""
+    import os
+
+    raw = os.environ.get("BLADEFLOW_SERVING_URLS", "http://127.0.0.1:8080")
+    return [u.strip() for u in raw.split(",") if u.strip()]
+
+
+class ReleaseParams(BaseModel):
+    """Parameters of the release flow (the Prefect UI renders them as a form)."""
+
+    name: str = Field(description="registered model name")
+    version: str = Field(description="version to release (must be tagged bladeflow.validated)")
+    plan: ReleasePlan = Field(default_factory=ReleasePlan)
+    approval: bool = Field(False, description="pause for approval in the UI before the last stage")
+    endpoints: list[str] = Field(
+        default_factory=default_endpoints, description="serving base URLs (each has /metrics)"
+    )
+    actor: str | None = Field(
+        None, description="who triggered it [default: $BLADEFLOW_ACTOR/$USER]"
+    )
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI override")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return registry.check_model_name(v)
+
+    @field_validator("endpoints")
+    @classmethod
+    def _endpoints(cls, v: list[str]) -> list[str]:
+        if not v or any(not u.startswith(("http://", "https://")) for u in v):
+            raise ValueError("endpoints must be one or more http(s):// base URLs of serving")
+        return v
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials(cls, v: str | None) -> str | None:
+        return no_password(v)

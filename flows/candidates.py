@@ -1,0 +1,204 @@
+"""The candidate tournament inside the optimize flow: build, validate and time each candidate so
+that one candidate's exception rejects that candidate only.
+
+Every failure becomes the candidate's FAILED status with a one-line reason (the full traceback
+stays in the task's log); only the baseline -- the unoptimized model -- ends the run when it
+cannot be built, validated or timed, because without it nothing can be judged.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger
+
+from bladeflow.core.contract import (
+    AccuracyReport,
+    BenchmarkReport,
+    Candidate,
+    DataRef,
+    ModelArtifact,
+    StageResult,
+)
+from bladeflow.core.environment import hardware
+from bladeflow.core.errors import BladeflowError
+from bladeflow.core.faults import fault_point
+from bladeflow.core.outcome import Status
+from bladeflow.core.params import OptimizeParams
+from bladeflow.core.settings import Settings
+from bladeflow.flows import stages as s
+from bladeflow.tasks.benchmark.probe import one_line, probe
+from bladeflow.tasks.optimize.base import PassContext
+from bladeflow.tasks.optimize.recipes import BASELINE, Recipe, RecipePlan
+from bladeflow.tasks.validate.gate import GateOutcome
+from bladeflow.tasks.validate.policy import TolerancePolicy
+from bladeflow.tasks.validate.prepare import PreparedData, read_data
+
+
+class BaselineError(BladeflowError):
+    """The unoptimized model itself cannot run: nothing can be judged. Exit code 2."""
+
+    exit_code = 2
+
+
+@contextmanager
+def stage(stages: list[StageResult], name: str) -> Iterator[StageResult]:
+    """Record one stage's status, reason and time in ``stages``."""
+    fault_point(name)  # no-op unless a reliability test asks to pause here (bladeflow/faults.py)
+    result = StageResult(stage=name, status=Status.OK, elapsed_s=0.0)
+    started = time.perf_counter()
+    try:
+        yield result
+    except BaseException as exc:
+        result.status = Status.FAILED
+        result.reason = str(exc)
+        raise
+    finally:
+        result.elapsed_s = round(time.perf_counter() - started, 3)
+        stages.append(result)
+
+
+def _failure(state: Any) -> BaseException:
+    exc = state.result(raise_on_failure=False)
+    return exc if isinstance(exc, BaseException) else RuntimeError(str(exc))
+
+
+def build_all(
+    recipes: list[Recipe], model: ModelArtifact, workdir: Path, context: PassContext
+) -> tuple[list[Candidate], dict[str, str]]:
+    """Build every candidate; a pass that raises rejects its candidate (name -> reason)."""
+    futures = [(r, s.build_candidate_task.submit(r, model, workdir, context)) for r in recipes]
+    built, failed = [], {}
+    for recipe, fut in futures:
+        state = fut.wait() or fut.state
+        if state.is_completed():
+            built.append(fut.result())
+            continue
+        exc = _failure(state)
+        if recipe.name == BASELINE:  # the unoptimized model must always be a candidate
+            raise exc
+        failed[recipe.name] = one_line(exc)
+    return built, failed
+
+
+def validate_all(
+    candidates: list[Candidate],
+    reference: str,
+    prepared: PreparedData,
+    policy: TolerancePolicy,
+    reports: Path,
+) -> tuple[dict[str, GateOutcome], dict[str, AccuracyReport]]:
+    """The accuracy gate for every candidate; one that cannot even run is FAILED with why."""
+    futures = [
+        (c, s.validate_task.submit(c, reference, prepared, policy, reports / "gx"))
+        for c in candidates
+    ]
+    outcomes: dict[str, GateOutcome] = {}
+    accuracy: dict[str, AccuracyReport] = {}
+    for cand, fut in futures:
+        state = fut.wait() or fut.state
+        if state.is_completed():
+            outcomes[cand.name] = fut.result()
+            accuracy[cand.name] = outcomes[cand.name].report
+            continue
+        exc = _failure(state)
+        if cand.name == BASELINE and not isinstance(exc, BladeflowError):
+            raise BaselineError(f"the unoptimized model cannot run on the data: {one_line(exc)}")
+        if cand.name == BASELINE:
+            raise exc
+        accuracy[cand.name] = not_run(
+            cand.name, Status.FAILED, f"validation failed: {one_line(exc)}", prepared.data
+        )
+    return outcomes, accuracy
+
+
+def not_run(name: str, status: Status, reason: str, data: DataRef) -> AccuracyReport:
+    """The gate's record of a candidate that was skipped or failed before it could be judged."""
+    return AccuracyReport(
+        candidate=name,
+        passed=False,
+        outputs={},
+        reason=reason,
+        synthetic_data=data.synthetic,
+        status=status,
+    )
+
+
+def benchmark_all(
+    settings: Settings,
+    run_id: str,
+    params: OptimizeParams,
+    model: ModelArtifact,
+    timed: s.Timed,
+    data: DataRef,
+    batch_sizes: list[int],
+    run_dir: Path,
+) -> tuple[BenchmarkReport, str, dict[str, str]]:
+    """Time the source and the passing candidates; a candidate that breaks the run is dropped.
+
+    Returns the report, what ran the source, and candidate -> reason for those dropped.
+    """
+
+    def run(models: s.Timed) -> Any:
+        if params.benchmark_work_pool:
+            return s.remote_benchmark_task.submit(
+                settings, run_id, params, model, models, data, batch_sizes, run_dir
+            )
+        return s.benchmark_task.submit(
+            params.source, s.convert_options(params), model, models, data, batch_sizes, params.bench
+        )
+
+    fut = run(timed)
+    state = fut.wait() or fut.state
+    if state.is_completed():
+        report, runtime = fut.result()
+        return report, runtime, {}
+    # One model broke the interleaved run: find which ones alone, drop them, time the rest.
+    first = _failure(state)
+    if isinstance(first, BladeflowError):  # e.g. no worker on the pool: not a candidate's fault
+        raise first
+    arrays = read_data(data)
+    failed = {
+        name: why
+        for name, (artifact, session) in timed.items()
+        if name != BASELINE and (why := probe(artifact, session, arrays, batch_sizes))
+    }
+    get_run_logger().warning("benchmark: dropped %s and timing the rest again", sorted(failed))
+    if not failed:
+        raise first
+    report, runtime = run({n: m for n, m in timed.items() if n not in failed}).result()
+    return report, runtime, failed
+
+
+def run_params(
+    params: OptimizeParams,
+    policy: TolerancePolicy,
+    plan: RecipePlan,
+    model: ModelArtifact,
+    prepared: PreparedData,
+) -> dict[str, Any]:
+    """The optimize run's MLflow params: the options, the resolved recipes and the machine."""
+    return {
+        **params.model_dump(exclude={"tolerance", "bench", "tracking_uri", "policy"}),
+        "policy": policy.model_dump(mode="json"),
+        "recipes": [r.model_dump(mode="json") for r in plan.recipes],
+        "skipped_recipes": plan.skipped,
+        "source_sha256": model.provenance.parent_sha256,
+        "synthetic_data": prepared.data.synthetic,
+        "hardware": hardware(),
+    }
+
+
+def recipe_params(plan: RecipePlan) -> dict[str, dict[str, Any]]:
+    """Each candidate's nested-run params: its passes and session settings."""
+    return {
+        r.name: {
+            "recipe": [p.model_dump(mode="json") for p in r.passes],
+            "session": r.session.model_dump(mode="json"),
+        }
+        for r in plan.recipes
+    }

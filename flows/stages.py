@@ -1,0 +1,258 @@
+"""The optimize flow's Prefect tasks: each stage's work under a name, a log line and retries.
+
+The work itself lives in ``tasks/<stage>/``; these wrappers only give Prefect something to track.
+I/O against MLflow retries (``retries=2``); model work does not (it would fail the same way).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+from prefect import get_run_logger, task
+
+from bladeflow.core import registry
+from bladeflow.core.contract import (
+    BenchmarkReport,
+    Candidate,
+    DataRef,
+    ModelArtifact,
+    SessionConfig,
+)
+from bladeflow.core.errors import UserInputError
+from bladeflow.core.params import BenchParams, OptimizeParams
+from bladeflow.core.settings import Settings
+from bladeflow.tasks.benchmark.incumbent import download_version
+from bladeflow.tasks.benchmark.latency import BenchmarkSettings, benchmark
+from bladeflow.tasks.convert.dispatch import (
+    ConvertOptions,
+    convert_source,
+    detect,
+    open_source_runner,
+)
+from bladeflow.tasks.convert.verify import run_source
+from bladeflow.tasks.optimize.base import PassContext
+from bladeflow.tasks.optimize.recipes import Recipe, build_candidate
+from bladeflow.tasks.register import mlflow_registry as reg
+from bladeflow.tasks.register.run_report import SOURCE
+from bladeflow.tasks.validate.accuracy import REFERENCE_SESSION, predict
+from bladeflow.tasks.validate.data import fixed_batch
+from bladeflow.tasks.validate.gate import GateOutcome, accuracy_gate
+from bladeflow.tasks.validate.policy import DataPolicy, TolerancePolicy
+from bladeflow.tasks.validate.prepare import (
+    PreparedData,
+    prepare_validation_data,
+    read_data,
+    read_labels,
+)
+
+Timed = dict[str, tuple[ModelArtifact, SessionConfig]]
+
+
+def convert_options(params: OptimizeParams) -> ConvertOptions:
+    """The convert stage's options from the flow parameters."""
+    return ConvertOptions(
+        format=params.format,
+        signature=params.signature,
+        input_shapes=params.input_shapes,
+        dynamic_axes=params.dynamic_axes,
+        target_opset=params.target_opset,
+    )
+
+
+@task(name="convert")
+def convert_task(source: str, options: ConvertOptions, workdir: Path) -> ModelArtifact:
+    kind = detect(source, options.format)
+    get_run_logger().info(
+        "convert: %s model %s -> ONNX (verified against the source)", kind, source
+    )
+    return convert_source(source, workdir, options)
+
+
+@task(name="prepare-data")
+def prepare_data_task(model: ModelArtifact, params: OptimizeParams, workdir: Path) -> PreparedData:
+    prepared = prepare_validation_data(
+        model,
+        params.data,
+        workdir,
+        labels_column=params.labels_column,
+        text_columns=params.text_columns,
+        calibration=params.calibration,
+        policy=DataPolicy(min_rows=params.min_rows),
+    )
+    get_run_logger().info("data: %s", prepared.description or prepared.data.path)
+    return prepared
+
+
+@task(name="build-candidate", task_run_name="build-{recipe.name}")
+def build_candidate_task(
+    recipe: Recipe, model: ModelArtifact, workdir: Path, context: PassContext
+) -> Candidate:
+    return build_candidate(recipe, model, workdir, context)
+
+
+@task(name="reference-outputs")
+def reference_task(
+    source: str, options: ConvertOptions, model: ModelArtifact, data: DataRef, workdir: Path
+) -> str:
+    """Outputs of the source on the validation data: its own framework when it has one (so every
+    candidate is judged against the original model, conversion error included), else the ONNX
+    graph run literally (no ONNX Runtime graph optimizations)."""
+    runner = open_source_runner(source, options, model)
+    arrays = read_data(data)
+    if runner is not None:
+        get_run_logger().info("reference: running the source in %s", runner.name)
+        outputs = run_source(runner, arrays, fixed_batch(model.signature) or 32)
+    else:
+        outputs = predict(model, REFERENCE_SESSION, arrays)
+    path = workdir / "reference_outputs.npz"
+    np.savez(path, **outputs)  # type: ignore[arg-type]  # numpy's stub types **kwds too narrowly
+    return str(path)
+
+
+@task(name="validate", task_run_name="validate-{candidate.name}", persist_result=False)
+def validate_task(
+    candidate: Candidate,
+    reference: str,
+    prepared: PreparedData,
+    policy: TolerancePolicy,
+    gx_dir: Path,
+) -> GateOutcome:
+    """The accuracy gate for one candidate: a GX suite over its per-sample errors."""
+    with np.load(reference, allow_pickle=False) as npz:
+        ref = {k: npz[k] for k in npz.files}
+    outputs = predict(candidate.artifact, candidate.session, read_data(prepared.data))
+    outcome = accuracy_gate(
+        candidate.name,
+        outputs,
+        ref,
+        policy,
+        prepared.data.synthetic,
+        labels=read_labels(prepared),
+        gx_dir=gx_dir,
+    )
+    report = outcome.report
+    get_run_logger().info(
+        "validate: %s %s%s",
+        candidate.name,
+        "passed" if report.passed else "FAILED",
+        "" if report.passed else f" ({report.reason})",
+    )
+    return outcome
+
+
+@task(name="benchmark")
+def benchmark_task(
+    source: str,
+    options: ConvertOptions,
+    model: ModelArtifact,
+    candidates: Timed,
+    data: DataRef,
+    batch_sizes: list[int],
+    settings: BenchParams,
+) -> tuple[BenchmarkReport, str]:
+    """Time the source (in its own framework when it has one) and every passing candidate."""
+    runner = open_source_runner(source, options, model)
+    models = dict(candidates)
+    runners = {}
+    if runner is not None:
+        runners[SOURCE] = runner
+        source_runtime = runner.name
+    else:
+        models = {SOURCE: (model, SessionConfig()), **models}
+        source_runtime = "onnxruntime (default session)"
+    report = benchmark(
+        models,
+        read_data(data),
+        batch_sizes,
+        BenchmarkSettings(**settings.model_dump()),
+        progress=get_run_logger().info,
+        runners=runners,
+    )
+    return report, source_runtime
+
+
+@task(name="benchmark-on-pool")
+def remote_benchmark_task(
+    settings: Settings,
+    run_id: str,
+    params: OptimizeParams,
+    model: ModelArtifact,
+    candidates: Timed,
+    data: DataRef,
+    batch_sizes: list[int],
+    workdir: Path,
+) -> tuple[BenchmarkReport, str]:
+    """Upload models + data to the MLflow run, benchmark them on the pool's worker, read back."""
+    from bladeflow.flows.benchmark import REMOTE_DIR, BenchmarkRequest, RemoteModel, run_remote
+
+    pool = params.benchmark_work_pool
+    if pool is None:
+        raise UserInputError("benchmark-on-pool needs benchmark_work_pool")
+    stage = workdir / REMOTE_DIR
+    models = {SOURCE: (model, SessionConfig()), **candidates}
+    remote = {}
+    for label, (artifact, session) in models.items():
+        folder = stage / "models" / label
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(artifact.path, folder / "model.onnx")
+        remote[label] = RemoteModel(
+            artifact_path=f"{REMOTE_DIR}/models/{label}/model.onnx", session=session
+        )
+    shutil.copyfile(data.path, stage / "data.npz")
+    reg.log_artifacts(settings, run_id, stage, REMOTE_DIR)
+    request = BenchmarkRequest(
+        tracking_uri=settings.tracking_uri,
+        run_id=run_id,
+        models=remote,
+        data_path=f"{REMOTE_DIR}/data.npz",
+        batch_sizes=batch_sizes,
+        report_path=f"{REMOTE_DIR}/{uuid.uuid4().hex[:8]}",
+        **params.bench.model_dump(),
+    )
+    get_run_logger().info("benchmark: %d models sent to work pool %r", len(models), pool)
+    report, where = run_remote(request, pool, params.benchmark_timeout_s)
+    with reg.mlflow_errors(settings, "tagging the run with the benchmark's hardware"):
+        c = reg.client(settings)
+        c.set_tag(run_id, registry.RUN_TAG_BENCHMARK_POOL, pool)
+        c.set_tag(run_id, registry.RUN_TAG_BENCHMARK_HARDWARE, json.dumps(where, sort_keys=True))
+    return report, f"onnxruntime (default session) on work pool {pool!r}: {where.get('cpu')}"
+
+
+@task(name="download-incumbent", retries=2, retry_delay_seconds=[2, 5])
+def incumbent_task(
+    settings: Settings, name: str, version: str, folder: Path
+) -> tuple[ModelArtifact, SessionConfig]:
+    return download_version(settings, name, version, folder)
+
+
+@task(name="start-mlflow-run", retries=2, retry_delay_seconds=[2, 5])
+def start_run_task(settings: Settings, name: str, params: dict[str, object]) -> str:
+    return reg.start_run(settings, name, params)
+
+
+@task(
+    name="register",
+    retries=2,
+    retry_delay_seconds=[2, 5],
+    retry_condition_fn=lambda task, run, state: (
+        not isinstance(state.result(raise_on_failure=False), UserInputError)
+    ),
+)
+def register_task(
+    settings: Settings,
+    run_id: str,
+    name: str,
+    candidate: Candidate,
+    tags: dict[str, str],
+    description: str,
+    input_example: dict[str, np.ndarray] | None,
+) -> tuple[str, str]:
+    version, uri = reg.register(settings, run_id, name, candidate, tags, description, input_example)
+    get_run_logger().info(
+        "register: %s is version %s of %r (alias %r)", uri, version, name, registry.ALIAS_CANDIDATE
+    )
+    return version, uri
