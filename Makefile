@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # The CPU wheel of torch lies on these machines' disk; installing it first keeps pip from pulling
 # a multi-GB CUDA build to satisfy the `torch` extra's range.
 TORCH_CPU ?= torch==2.13.0
-EXTRAS ?= dev,torch,tf,demo,ops
+EXTRAS ?= dev,torch,tf,demo,ops,caffe
 
 export BLADEFLOW_HOME ?= $(CURDIR)/.bladeflow
 export MLFLOW_DISABLE_TELEMETRY = true
@@ -39,10 +39,12 @@ test-slow: setup  ## the slow tests
 test-all: setup  ## every test (GPU tests skip without a GPU)
 	$(BIN)/python -m pytest -q
 
-lint: setup  ## ruff (lint + format check) and mypy
+lint: setup  ## ruff (lint + format check), mypy, the layer rules and declared = imported dependencies
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/python scripts/check_layers.py
+	$(BIN)/deptry .
 
 format: setup  ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .

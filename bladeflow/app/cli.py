@@ -7,7 +7,6 @@ exported ``PREFECT_HOME`` and friends: importing Prefect earlier would create ``
 from __future__ import annotations
 
 import contextlib
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,16 @@ from typing import Any
 import typer
 
 from bladeflow.app import release_cli
+from bladeflow.app.common import (
+    HOME_OPTION,
+    TRACKING_OPTION,
+    fail,
+    params_or_exit,
+    quiet_user_error_tracebacks,
+    say,
+    settings_from,
+)
+from bladeflow.app.preflight import check_experiment, check_optimize_input
 from bladeflow.app.serve_cli import serve
 from bladeflow.app.stack import down as stack_down
 from bladeflow.app.stack import up as stack_up
@@ -31,53 +40,25 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"bladeflow {version('bladeflow')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Make trained models fast to serve and safe to ship."""
+
+
 # `optimize --must-beat`: the chosen candidate was not faster than that version; nothing registered.
 EXIT_NOT_IMPROVED = 6
-
-HOME_OPTION = typer.Option(
-    None,
-    "--home",
-    envvar="BLADEFLOW_HOME",
-    help="Data folder for the default SQLite registry, artifacts and Prefect state "
-    "(default: ./.bladeflow).",
-)
-TRACKING_OPTION = typer.Option(
-    None,
-    "--tracking-uri",
-    envvar="MLFLOW_TRACKING_URI",
-    help="MLflow tracking URI, e.g. http://127.0.0.1:5000 (default: sqlite:///<home>/mlflow.db).",
-)
-
-
-def _say(message: str) -> None:
-    typer.echo(message, err=True)
-
-
-def _fail(exc: BladeflowError) -> typer.Exit:
-    from bladeflow.core.redact import redact
-
-    kind = {2: "bad input", 3: "accuracy gate failed"}.get(exc.exit_code, "error")
-    _say(redact(f"bladeflow: {kind}: {exc}"))
-    return typer.Exit(exc.exit_code)
-
-
-def _settings(home: Path | None, tracking_uri: str | None) -> Settings:
-    """Resolve the settings; a password in the tracking/registry URI moves to
-    MLFLOW_TRACKING_USERNAME/PASSWORD (which MLflow sends as basic auth), so the URI that ends up
-    in logs, Prefect flow parameters and MLflow is the plain one."""
-    import os
-    from dataclasses import replace
-
-    from bladeflow.core.redact import split_credentials
-
-    settings = Settings.from_env(home=home, tracking_uri=tracking_uri)
-    tracking, user, password = split_credentials(settings.tracking_uri)
-    registry, r_user, r_password = split_credentials(settings.registry_uri)
-    for u, pw in ((user, password), (r_user, r_password)):
-        if pw is not None:
-            os.environ["MLFLOW_TRACKING_USERNAME"] = u or ""
-            os.environ["MLFLOW_TRACKING_PASSWORD"] = pw
-    return replace(settings, tracking_uri=tracking, registry_uri=registry)
 
 
 @app.command()
@@ -211,10 +192,9 @@ def optimize(
     or with --release the release was rolled back; 4 MLflow unusable; 5 another release of the
     model is in progress; 6 with --must-beat, not faster than that version (nothing registered).
     """
-    settings = _settings(home, tracking_uri)
-    settings.apply()
+    settings = settings_from(home, tracking_uri)
     try:
-        params = _optimize_params(
+        params = optimize_params(
             source=source,
             name=name,
             data=str(data) if data else None,
@@ -239,10 +219,10 @@ def optimize(
             min_speedup=min_speedup,
             tracking_uri=settings.tracking_uri,
         )
-        _preflight(params)
+        check_optimize_input(params)
         result = _run_optimize(params)
     except BladeflowError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     if as_json:
         typer.echo(result.model_dump_json(indent=2))
     else:
@@ -277,19 +257,18 @@ def demo(
 
     from bladeflow.app.matcher import MATCHER_NAME, MATCHER_SOURCE, build_validation_set, minilm_dir
 
-    settings = _settings(home, tracking_uri)
-    settings.apply()
+    settings = settings_from(home, tracking_uri)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     folder = settings.home / "demo"
     try:
-        _check_experiment(settings.tracking_uri)
+        check_experiment(settings.tracking_uri)
         minilm_dir()  # exit 2 with the pip hint before any work
         data = build_validation_set(folder / "validation.npz")
-        _say(
+        say(
             f"demo: {MATCHER_SOURCE} (all-MiniLM-L6-v2 as a query/answer matcher); sentence "
             f"pairs in {data} and {folder / 'pairs.jsonl'}"
         )
-        params = _optimize_params(
+        params = optimize_params(
             source=MATCHER_SOURCE,
             name=MATCHER_NAME,
             data=str(data),
@@ -297,7 +276,7 @@ def demo(
         )
         result = _run_optimize(params)
     except BladeflowError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     _print_result(result, settings)
 
 
@@ -344,7 +323,7 @@ def _batch_sizes(text: str) -> list[int]:
     try:
         sizes = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise _fail(
+        raise fail(
             UserInputError(f"--batch-sizes {text!r} is not a list of integers; write e.g. 1,8,32")
         ) from None
     return sizes
@@ -359,7 +338,7 @@ def _input_shapes(items: list[str]) -> dict[str, list[int]]:
         except ValueError:
             shapes[name] = []
         if not name or not shapes[name] or any(d < 1 for d in shapes[name]):
-            raise _fail(
+            raise fail(
                 UserInputError(
                     f"--input-shape {item!r} is not NAME:DIMS; write e.g. pixels:1x3x224x224"
                 )
@@ -376,121 +355,26 @@ def _dynamic_axes(text: str | None) -> dict[str, dict[int, str]] | None:
         raw = json.loads(text)
         return {str(k): {int(a): str(n) for a, n in v.items()} for k, v in raw.items()}
     except (ValueError, AttributeError, TypeError):
-        raise _fail(
+        raise fail(
             UserInputError(
                 f'--dynamic-axes {text!r} is not JSON like \'{{"x": {{"0": "batch"}}}}\''
             )
         ) from None
 
 
-def _optimize_params(**kwargs: Any) -> Any:
-    from pydantic import ValidationError
-
+def optimize_params(**kwargs: Any) -> Any:
     from bladeflow.core.params import OptimizeParams
 
-    try:
-        return OptimizeParams(**kwargs)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise UserInputError(problems) from None
-
-
-def _preflight(params: Any) -> None:
-    """Fail fast on bad input, before the flow (and a Prefect server) starts."""
-    import tempfile
-
-    from bladeflow.tasks.convert.base import get_converter
-    from bladeflow.tasks.convert.dispatch import detect
-    from bladeflow.tasks.convert.onnx_source import load_onnx_source
-    from bladeflow.tasks.optimize.recipes import resolve_recipes
-    from bladeflow.tasks.validate.data import check_array_files, load_npz
-
-    fmt = detect(params.source, params.format)
-    get_converter(fmt).precheck(params.source)  # size limit, truncated archives: no framework
-    resolve_recipes(params.preset, params.passes)
-    if params.data and not Path(params.data).exists():
-        raise UserInputError(f"validation data {params.data} does not exist")
-    if params.data:
-        check_array_files(params.data)  # headers only: nothing huge or truncated is allocated
-    _check_tracking_server(params.tracking_uri)
-    if fmt == "onnx":  # other formats are loaded by their converter, which needs the framework
-        with tempfile.TemporaryDirectory(prefix="bladeflow-preflight-") as tmp:
-            model = load_onnx_source(params.source, Path(tmp))
-            if params.data and params.data.endswith(".npz"):
-                load_npz(params.data, model.signature)
-    # Last: bad input is reported without touching the registry (this may create the database).
-    _check_experiment(params.tracking_uri)
-
-
-# An unreachable tracking server fails in ~3 s (three tries, 1 s and 2 s apart) instead of after
-# the convert stage and MLflow's own (long) retries.
-_PROBE_DELAYS_S = (1.0, 2.0)
-
-
-def _check_tracking_server(uri: str | None) -> None:
-    """Exit 4 before any work when an HTTP tracking server does not answer its /health."""
-    import time
-
-    import requests
-
-    from bladeflow.core.errors import RegistryError
-
-    if not uri or not uri.startswith(("http://", "https://")):
-        return
-    last: str = ""
-    for delay in (*_PROBE_DELAYS_S, None):
-        try:
-            requests.get(uri.rstrip("/") + "/health", timeout=5)
-            return  # any answer: the server is up (authorization is checked by real calls)
-        except requests.RequestException as exc:
-            last = f"{type(exc).__name__}: {exc}"
-        if delay is not None:
-            time.sleep(delay)
-    raise RegistryError(
-        f"cannot use MLflow at {uri}: no answer after {len(_PROBE_DELAYS_S) + 1} tries "
-        f"({last[:300]}). "
-        "Check --tracking-uri / MLFLOW_TRACKING_URI and that the server is running."
-    )
-
-
-def _check_experiment(uri: str | None) -> None:
-    """Exit 4 before any work when the experiment's artifact store cannot be used from here."""
-    from bladeflow.tasks.register.mlflow_registry import ensure_experiment
-
-    ensure_experiment(Settings.from_env().with_tracking_uri(uri))
-
-
-class _HideUserErrorTracebacks(logging.Filter):
-    """Prefect logs every failed task with its traceback; for errors the user can fix (bad file,
-    bad data) the one-paragraph message is the whole story."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], BladeflowError):
-            record.exc_info = None
-            record.exc_text = None
-        return True
-
-
-def quiet_user_error_tracebacks() -> None:
-    """Install the filter on the loggers Prefect reports task and flow failures with."""
-    for name in ("prefect.task_runs", "prefect.flow_runs"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _HideUserErrorTracebacks) for f in logger.filters):
-            logger.addFilter(_HideUserErrorTracebacks())
+    return params_or_exit(OptimizeParams, **kwargs)
 
 
 def _run_optimize(params: Any) -> Any:
     from bladeflow.flows.optimize import optimize_flow
 
     quiet_user_error_tracebacks()
-
-    from bladeflow.core.redact import redact
-
-    _say(
-        redact(
-            f"optimize: {params.source} -> registered model {params.name!r} "
-            f"(tracking {params.tracking_uri})"
-        )
+    say(
+        f"optimize: {params.source} -> registered model {params.name!r} "
+        f"(tracking {params.tracking_uri})"
     )
     # Prefect and MLflow print to stdout; keep stdout for the result (e.g. --json).
     with contextlib.redirect_stdout(sys.stderr):

@@ -1,6 +1,6 @@
 """``bladeflow release ...``: plain functions the main CLI registers as a sub-app.
 
-Wiring (bladeflow/cli.py)::
+Wiring (bladeflow/app/cli.py)::
 
     from bladeflow.app import release_cli
     release_app = typer.Typer(name="release", help="Staged gray release.", no_args_is_help=True)
@@ -23,30 +23,31 @@ from typing import Any
 
 import typer
 
+from bladeflow.app.common import HOME_OPTION, TRACKING_OPTION, fail, params_or_exit, settings_from
+from bladeflow.app.preflight import check_tracking_server
 from bladeflow.core.errors import BladeflowError
 from bladeflow.core.settings import Settings
 
-HOME = typer.Option(
-    None, "--home", envvar="BLADEFLOW_HOME", help="Data folder [default: ./.bladeflow]."
-)
-TRACKING = typer.Option(
-    None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI."
-)
+HOME = HOME_OPTION
+TRACKING = TRACKING_OPTION
 ACTOR = typer.Option(
     None, "--actor", envvar="BLADEFLOW_ACTOR", help="Who does this (recorded) [default: $USER]."
 )
 
 
 def _settings(home: Path | None, tracking_uri: str | None) -> Settings:
-    settings = Settings.from_env(home=home, tracking_uri=tracking_uri)
-    settings.apply()
+    """The shared settings path (credentials out of the URI), then the registry preflight: an
+    unreachable tracking server is exit 4 in seconds, before any work."""
+    settings = settings_from(home, tracking_uri)
+    check_tracking_server(settings.tracking_uri)
     return settings
 
 
-def _fail(exc: BladeflowError) -> typer.Exit:
-    kind = {2: "bad input", 3: "rolled back", 5: "busy"}.get(exc.exit_code, "error")
-    typer.echo(f"bladeflow: {kind}: {exc}", err=True)
-    return typer.Exit(exc.exit_code)
+def _done(name: str, action: str, message: str, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps({"name": name, "action": action, "message": message}, indent=2))
+    else:
+        typer.echo(message)
 
 
 def start(
@@ -75,30 +76,22 @@ def start(
     Re-running it after a crash resumes the interrupted release (same version) or rolls it back
     (other version) once its lease has expired.
     """
-    from pydantic import ValidationError
-
     from bladeflow.core.params import ReleaseParams
     from bladeflow.tasks.release.plan import load_plan
 
-    settings = _settings(home, tracking_uri)
     try:
+        settings = _settings(home, tracking_uri)
         extra: dict[str, Any] = {"endpoints": endpoint} if endpoint else {}
-        try:
-            params = ReleaseParams(
-                name=name,
-                version=version,
-                plan=load_plan(plan),
-                approval=approval,
-                actor=actor,
-                tracking_uri=settings.tracking_uri,
-                **extra,
-            )
-        except ValidationError as exc:
-            from bladeflow.core.errors import UserInputError
-
-            raise UserInputError(
-                "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            ) from None
+        params = params_or_exit(
+            ReleaseParams,
+            name=name,
+            version=version,
+            plan=load_plan(plan),
+            approval=approval,
+            actor=actor,
+            tracking_uri=settings.tracking_uri,
+            **extra,
+        )
         from bladeflow.flows.release import release_flow
 
         typer.echo(
@@ -107,7 +100,7 @@ def start(
         with contextlib.redirect_stdout(sys.stderr):  # Prefect/MLflow chatter stays off stdout
             result = release_flow(params)
     except BladeflowError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     if as_json:
         typer.echo(result.model_dump_json(indent=2))
         return
@@ -130,11 +123,10 @@ def status(
     from bladeflow.tasks.release.engine import describe
     from bladeflow.tasks.release.tracking import client
 
-    settings = _settings(home, tracking_uri)
     try:
-        doc = describe(client(settings), name)
+        doc = describe(client(_settings(home, tracking_uri)), name)
     except BladeflowError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
         return
@@ -152,6 +144,7 @@ def status(
 def promote(
     name: str = typer.Argument(..., help="Registered model name."),
     actor: str | None = ACTOR,
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
     home: Path | None = HOME,
     tracking_uri: str | None = TRACKING,
 ) -> None:
@@ -159,16 +152,19 @@ def promote(
     from bladeflow.tasks.release.engine import default_actor, force_promote
     from bladeflow.tasks.release.tracking import client
 
-    settings = _settings(home, tracking_uri)
     try:
-        typer.echo(force_promote(client(settings), name, actor or default_actor()))
+        message = force_promote(
+            client(_settings(home, tracking_uri)), name, actor or default_actor()
+        )
+        _done(name, "promote", message, as_json)
     except BladeflowError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
 
 
 def rollback(
     name: str = typer.Argument(..., help="Registered model name."),
     actor: str | None = ACTOR,
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
     home: Path | None = HOME,
     tracking_uri: str | None = TRACKING,
 ) -> None:
@@ -176,8 +172,10 @@ def rollback(
     from bladeflow.tasks.release.engine import default_actor, force_rollback
     from bladeflow.tasks.release.tracking import client
 
-    settings = _settings(home, tracking_uri)
     try:
-        typer.echo(force_rollback(client(settings), name, actor or default_actor()))
+        message = force_rollback(
+            client(_settings(home, tracking_uri)), name, actor or default_actor()
+        )
+        _done(name, "rollback", message, as_json)
     except BladeflowError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None

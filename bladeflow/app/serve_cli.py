@@ -8,8 +8,8 @@ from pathlib import Path
 
 import typer
 
+from bladeflow.app.common import settings_from
 from bladeflow.core.mlflow_client import SERVING_HTTP_DEFAULTS, apply_http_defaults
-from bladeflow.core.settings import Settings
 
 
 def serve(
@@ -67,8 +67,7 @@ def serve(
     from bladeflow.serving.model import ServeOptions
     from bladeflow.serving.server import ServerConfig, run
 
-    settings = Settings.from_env(home=home, tracking_uri=tracking_uri)
-    settings.apply()
+    settings = settings_from(home, tracking_uri)  # a password in the URI moves to the env
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # The poller retries every --poll-interval itself. MLflow's own defaults (7 retries with
     # exponential backoff, 120 s timeout) kept one poll of a dead registry hanging for minutes,
