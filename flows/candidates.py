@@ -165,12 +165,20 @@ def benchmark_all(
     failed = {
         name: why
         for name, (artifact, session) in timed.items()
-        if name != BASELINE and (why := probe(artifact, session, arrays, batch_sizes))
+        if (why := probe(artifact, session, arrays, batch_sizes))
     }
+    if BASELINE in failed or not failed:
+        why = failed.get(BASELINE) or one_line(first)
+        raise BaselineError(
+            f"the unoptimized model cannot be timed: {why}. Benchmark only batch sizes it "
+            "accepts (--batch-sizes), or check that the model runs on the data you gave."
+        )
     get_run_logger().warning("benchmark: dropped %s and timing the rest again", sorted(failed))
-    if not failed:
-        raise first
-    report, runtime = run({n: m for n, m in timed.items() if n not in failed}).result()
+    again = run({n: m for n, m in timed.items() if n not in failed})
+    state = again.wait() or again.state
+    if not state.is_completed():
+        raise BaselineError(f"the benchmark failed again: {one_line(_failure(state))}")
+    report, runtime = again.result()
     return report, runtime, failed
 
 
