@@ -115,12 +115,14 @@ def test_pickles_are_refused_with_the_reason(tmp_path: Path, suffix: str):
         detect(str(src))
 
 
-def test_caffe_is_refused_naming_the_converter_error(tmp_path: Path):
+def test_corrupt_caffemodel_is_refused(tmp_path: Path):
     # setup
-    (tmp_path / "net.prototxt").write_text("name: 'net'\n")
+    (tmp_path / "net.prototxt").write_text('name: "net" input: "x" input_shape { dim: 1 dim: 2 }\n')
     (tmp_path / "net.caffemodel").write_bytes(b"\x00")
     # execute / assert
-    with pytest.raises(ModelFileError, match=r"not supported: caffe2onnx .*Descriptors"):
+    with pytest.raises(
+        ModelFileError, match=r"net\.caffemodel is not a readable binary \.caffemodel"
+    ):
         convert_source(str(tmp_path), tmp_path / "work", ConvertOptions())
     assert not (tmp_path / "work" / "model.onnx").exists()
 
