@@ -15,6 +15,9 @@ os.environ["DO_NOT_TRACK"] = "1"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+# CLI subprocesses keep Prefect's temporary per-command server: a warm local server per test home
+# would outlive the test. tests/ops/test_orchestration.py covers the warm path on purpose.
+os.environ["BLADEFLOW_ORCHESTRATION"] = "ephemeral"
 
 import pytest  # noqa: E402
 

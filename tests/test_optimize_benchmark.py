@@ -6,7 +6,6 @@ import numpy as np
 import onnx
 import pytest
 
-from bladeflow.app.demo import build_demo_model
 from bladeflow.core.contract import (
     AccuracyReport,
     BenchmarkReport,
@@ -32,6 +31,7 @@ from bladeflow.tasks.validate.accuracy import REFERENCE_SESSION, compare, predic
 from bladeflow.tasks.validate.data import synthesize
 from bladeflow.tasks.validate.summary import candidate_rows
 from tests import models
+from tests.demo_encoder import build_demo_model
 
 
 def test_every_registered_pass_imports_with_a_unique_key():

@@ -23,11 +23,15 @@ from bladeflow.app.common import (
     say,
     settings_from,
 )
+from bladeflow.app.options import batch_sizes as parse_batch_sizes
+from bladeflow.app.options import dynamic_axes as parse_dynamic_axes
+from bladeflow.app.options import input_shapes as parse_input_shapes
+from bladeflow.app.options import print_result
 from bladeflow.app.preflight import check_experiment, check_optimize_input
 from bladeflow.app.serve_cli import serve
-from bladeflow.app.stack import down as stack_down
-from bladeflow.app.stack import up as stack_up
-from bladeflow.core.errors import BladeflowError, UserInputError
+from bladeflow.app.stack_cli import down as stack_down
+from bladeflow.app.stack_cli import up as stack_up
+from bladeflow.core.errors import BladeflowError
 from bladeflow.core.settings import Settings
 
 app = typer.Typer(
@@ -39,6 +43,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
 
 def _version(value: bool) -> None:
     if value:
@@ -67,8 +72,8 @@ def optimize(
         ...,
         help="Model to optimize: .onnx; TF SavedModel folder; Keras .keras/.h5; TorchScript "
         ".pt/.ts; torch.export .pt2; 'pkg.module:factory'; Hugging Face model folder; "
-        "scikit-learn .skops; MLflow URI (models:/NAME/VERSION, models:/NAME@ALIAS, "
-        "runs:/RUN/PATH).",
+        "scikit-learn .skops; Caffe .prototxt (+ .caffemodel); MLflow URI (models:/NAME/VERSION, "
+        "models:/NAME@ALIAS, runs:/RUN/PATH).",
     ),
     name: str = typer.Option(
         ..., "--name", "-n", help="Registered model name in MLflow (letters, digits, _ - .)."
@@ -114,7 +119,7 @@ def optimize(
         None,
         "--format",
         help="Source format when the path does not tell (onnx, tf_savedmodel, keras, "
-        "torchscript, torch_export, torch_callable, huggingface, sklearn, mlflow).",
+        "torchscript, torch_export, torch_callable, huggingface, sklearn, caffe, mlflow).",
     ),
     signature: str | None = typer.Option(
         None,
@@ -132,6 +137,17 @@ def optimize(
         "--dynamic-axes",
         help='JSON {name: {axis: dim_name}} for exporters, e.g. \'{"x": {"0": "batch"}}\'; '
         "'{}' exports fixed shapes (default: batch and sequence dynamic).",
+    ),
+    weights: Path | None = typer.Option(
+        None,
+        "--weights",
+        help="Caffe: the .caffemodel for a .prototxt SOURCE (default: the same stem beside it).",
+    ),
+    keep_initializer_inputs: bool = typer.Option(
+        False,
+        "--keep-initializer-inputs",
+        help="ONNX: keep weights that old exporters also list as graph inputs (default: removed, "
+        "so ONNX Runtime can fold them).",
     ),
     target_opset: int | None = typer.Option(
         None, "--target-opset", help="ONNX opset to export to, or to upgrade an ONNX model to."
@@ -204,10 +220,12 @@ def optimize(
             min_rows=min_rows,
             format=model_format,
             signature=signature,
-            input_shapes=_input_shapes(input_shape),
-            dynamic_axes=_dynamic_axes(dynamic_axes),
+            input_shapes=parse_input_shapes(input_shape),
+            dynamic_axes=parse_dynamic_axes(dynamic_axes),
             target_opset=target_opset,
-            batch_sizes=_batch_sizes(batch_sizes),
+            weights=str(weights) if weights else None,
+            keep_initializer_inputs=keep_initializer_inputs,
+            batch_sizes=parse_batch_sizes(batch_sizes),
             recovery_budget_s=recovery_budget,
             objective=objective,
             passes=passes,
@@ -226,7 +244,7 @@ def optimize(
     if as_json:
         typer.echo(result.model_dump_json(indent=2))
     else:
-        _print_result(result, settings)
+        print_result(result, settings)
     if result.outcome == "not_improved":
         raise typer.Exit(EXIT_NOT_IMPROVED)
     if release:
@@ -277,7 +295,7 @@ def demo(
         result = _run_optimize(params)
     except BladeflowError as exc:
         raise fail(exc) from None
-    _print_result(result, settings)
+    print_result(result, settings)
 
 
 @app.command()
@@ -319,49 +337,6 @@ for _command in (release_cli.start, release_cli.status, release_cli.promote, rel
 app.add_typer(release_app)
 
 
-def _batch_sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise fail(
-            UserInputError(f"--batch-sizes {text!r} is not a list of integers; write e.g. 1,8,32")
-        ) from None
-    return sizes
-
-
-def _input_shapes(items: list[str]) -> dict[str, list[int]]:
-    shapes = {}
-    for item in items:
-        name, _, dims = item.rpartition(":")
-        try:
-            shapes[name] = [int(d) for d in dims.lower().split("x")]
-        except ValueError:
-            shapes[name] = []
-        if not name or not shapes[name] or any(d < 1 for d in shapes[name]):
-            raise fail(
-                UserInputError(
-                    f"--input-shape {item!r} is not NAME:DIMS; write e.g. pixels:1x3x224x224"
-                )
-            )
-    return shapes
-
-
-def _dynamic_axes(text: str | None) -> dict[str, dict[int, str]] | None:
-    if text is None:
-        return None
-    import json
-
-    try:
-        raw = json.loads(text)
-        return {str(k): {int(a): str(n) for a, n in v.items()} for k, v in raw.items()}
-    except (ValueError, AttributeError, TypeError):
-        raise fail(
-            UserInputError(
-                f'--dynamic-axes {text!r} is not JSON like \'{{"x": {{"0": "batch"}}}}\''
-            )
-        ) from None
-
-
 def optimize_params(**kwargs: Any) -> Any:
     from bladeflow.core.params import OptimizeParams
 
@@ -369,6 +344,9 @@ def optimize_params(**kwargs: Any) -> Any:
 
 
 def _run_optimize(params: Any) -> Any:
+    from bladeflow.app.orchestration import use_prefect_api
+
+    use_prefect_api(Settings.from_env(), say)  # before Prefect is imported
     from bladeflow.flows.optimize import optimize_flow
 
     quiet_user_error_tracebacks()
@@ -379,32 +357,6 @@ def _run_optimize(params: Any) -> Any:
     # Prefect and MLflow print to stdout; keep stdout for the result (e.g. --json).
     with contextlib.redirect_stdout(sys.stderr):
         return optimize_flow(params)
-
-
-def _print_result(result: Any, settings: Settings) -> None:
-    from bladeflow.tasks.validate.summary import latency_table, render_table
-
-    if result.synthetic_data:
-        typer.echo("NOTE: accuracy was judged on synthetic inputs; pass --data for a real verdict.")
-    if result.outcome == "not_improved":
-        typer.echo(
-            f"\nNothing registered: the best candidate, {result.candidate}, is "
-            f"x{result.incumbent_speedup} version {result.incumbent_version} (--must-beat) at "
-            f"the objective, below --min-speedup. MLflow run {result.run_id} has the details."
-        )
-        return
-    typer.echo(
-        f"\nRegistered {result.model_uri} (alias 'candidate'), chosen recipe: "
-        f"{result.candidate}; MLflow run {result.run_id}\n"
-        f"Source latency measured with: {result.source_runtime}\n"
-    )
-    typer.echo(render_table(latency_table(result)))
-    typer.echo(
-        "\nBrowse the results in the MLflow UI:\n"
-        f"  .venv/bin/mlflow ui --backend-store-uri {settings.tracking_uri} "
-        "--host 127.0.0.1 --port 5000\n  then open http://127.0.0.1:5000 (Models -> "
-        f"{result.name})"
-    )
 
 
 def main() -> None:  # pragma: no cover - console entry point

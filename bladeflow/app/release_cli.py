@@ -23,7 +23,14 @@ from typing import Any
 
 import typer
 
-from bladeflow.app.common import HOME_OPTION, TRACKING_OPTION, fail, params_or_exit, settings_from
+from bladeflow.app.common import (
+    HOME_OPTION,
+    TRACKING_OPTION,
+    fail,
+    params_or_exit,
+    say,
+    settings_from,
+)
 from bladeflow.app.preflight import check_tracking_server
 from bladeflow.core.errors import BladeflowError
 from bladeflow.core.settings import Settings
@@ -92,6 +99,9 @@ def start(
             tracking_uri=settings.tracking_uri,
             **extra,
         )
+        from bladeflow.app.orchestration import use_prefect_api
+
+        use_prefect_api(settings, say)  # before Prefect is imported
         from bladeflow.flows.release import release_flow
 
         typer.echo(

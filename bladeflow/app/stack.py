@@ -28,8 +28,6 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-import typer
-
 from bladeflow.app import stack_proc as proc
 from bladeflow.app.stack_proc import Service, StackError
 from bladeflow.core.settings import Settings
@@ -402,95 +400,4 @@ def _has_aws_credentials(env: dict[str, str]) -> bool:
 
 
 def _echo(message: str) -> None:
-    typer.echo(message, err=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI commands (registered by bladeflow/cli.py as `bladeflow up` and `bladeflow down`).
-
-HOME = typer.Option(
-    None, "--home", envvar="BLADEFLOW_HOME", help="Data folder [default: ./.bladeflow]."
-)
-PREFECT_PORT = typer.Option(4200, "--prefect-port", help="Prefect server port on 127.0.0.1.")
-MLFLOW_PORT = typer.Option(5000, "--mlflow-port", help="MLflow tracking server port.")
-S3_PORT = typer.Option(
-    8333, "--s3-port", help="SeaweedFS S3 port; the 7 ports after it are used too."
-)
-
-
-def _config(home: Path | None, **kwargs: object) -> StackConfig:
-    resolved = Settings.from_env(home=home).home
-    return StackConfig(home=resolved, **kwargs)  # type: ignore[arg-type]
-
-
-def up(
-    status: bool = typer.Option(False, "--status", help="Only show what is running."),
-    home: Path | None = HOME,
-    prefect_port: int = PREFECT_PORT,
-    mlflow_port: int = MLFLOW_PORT,
-    s3_port: int = S3_PORT,
-    s3: bool = typer.Option(
-        True,
-        "--s3/--no-s3",
-        help="Artifacts in a local SeaweedFS S3 bucket, or in <home>/artifacts.",
-    ),
-    bucket: str = typer.Option("bladeflow", "--bucket", help="S3 bucket for MLflow artifacts."),
-    work_pool: str = typer.Option("bladeflow", "--work-pool", help="Prefect process work pool."),
-    nightly_cron: str = typer.Option(
-        "0 2 * * *", "--nightly-cron", help="When nightly re-optimization runs (cron)."
-    ),
-    timezone: str = typer.Option("UTC", "--timezone", help="Time zone of the nightly schedule."),
-    timeout: float = typer.Option(180.0, "--timeout", help="Seconds to wait for each service."),
-) -> None:
-    """Start S3 (SeaweedFS), MLflow, the Prefect server and a worker; register the deployments."""
-    cfg = _config(
-        home,
-        prefect_port=prefect_port,
-        mlflow_port=mlflow_port,
-        s3_port=s3_port,
-        s3=s3,
-        bucket=bucket,
-        work_pool=work_pool,
-        nightly_cron=nightly_cron,
-        timezone=timezone,
-        timeout_s=timeout,
-    )
-    if status:
-        _print_status(cfg)
-        return
-    try:
-        timings = start_stack(cfg)
-    except StackError as exc:
-        _echo(f"bladeflow up: {exc}")
-        raise typer.Exit(2) from None
-    typer.echo("bladeflow stack is up (start-up seconds in brackets):")
-    urls = {
-        "s3": f"{cfg.s3_url} (bucket {cfg.bucket})",
-        "mlflow": f"{cfg.mlflow_url} (UI and tracking API)",
-        "prefect": f"http://{cfg.host}:{cfg.prefect_port} (UI; API {cfg.prefect_api})",
-        "worker": f"work pool {cfg.work_pool!r}",
-    }
-    for name, text in urls.items():
-        if name in timings:
-            typer.echo(f"  {name:<8} {text} [{timings[name]} s]")
-    typer.echo(f"Point the CLI at it:  source {cfg.env_file}")
-    typer.echo(f"Logs: {cfg.log_dir}    Stop: bladeflow down")
-
-
-def down(
-    home: Path | None = HOME,
-    grace: float = typer.Option(
-        30.0, "--grace", help="Seconds each service gets to exit after SIGTERM before SIGKILL."
-    ),
-) -> None:
-    """Stop the services `bladeflow up` started (worker, Prefect, MLflow, S3), nothing else."""
-    cfg = _config(home)
-    for name, outcome in stop_stack(cfg, grace).items():
-        typer.echo(f"  {name:<8} {outcome}")
-
-
-def _print_status(cfg: StackConfig) -> None:
-    for name, st in stack_status(cfg).items():
-        state = "healthy" if st["healthy"] else "running" if st["running"] else "stopped"
-        pid = f" pid {st['pid']}" if st["pid"] else ""
-        typer.echo(f"  {name:<8} {state:<8} {st['url']}{pid}")
+    print(message, file=sys.stderr, flush=True)

@@ -8,6 +8,7 @@ import pytest
 from mlflow import MlflowClient
 
 from bladeflow.core import registry
+from bladeflow.core.params import OptimizeParams
 from bladeflow.core.settings import Settings
 from bladeflow.flows.nightly import (
     MODEL_TAG_KEY,
@@ -19,7 +20,6 @@ from bladeflow.flows.nightly import (
     nightly_flow,
     summary_markdown,
 )
-from bladeflow.core.params import OptimizeParams
 from bladeflow.flows.optimize import optimize_flow
 from tests import models
 

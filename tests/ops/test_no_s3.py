@@ -15,7 +15,7 @@ import typer
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from bladeflow.app import stack, stack_proc
+from bladeflow.app import stack, stack_cli, stack_proc
 from bladeflow.app.stack import StackConfig
 from tests import models
 from tests.ops.test_stack_e2e import _bench, _run_deployment
@@ -50,7 +50,7 @@ def test_no_s3_stack_runs_optimize_with_artifacts_in_the_local_folder(
     # setup
     cfg = no_s3_stack
     app = typer.Typer()
-    app.command()(stack.up)
+    app.command()(stack_cli.up)
     src = models.mlp(cfg.home / "sources" / "mlp.onnx")
     params = {"source": str(src), "name": "mlp-nos3", "batch_sizes": [1], "bench": _bench()}
     params["passes"] = "ort_graph:level=extended"

@@ -12,8 +12,8 @@ import pytest
 from mlflow import MlflowClient
 
 from bladeflow.app.stack import StackConfig
-from bladeflow.core.settings import Settings
 from bladeflow.core.params import OptimizeParams
+from bladeflow.core.settings import Settings
 from bladeflow.flows.optimize import optimize_flow
 
 

@@ -11,9 +11,9 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from bladeflow.app import stack_proc
 from bladeflow.core.errors import RegistryError
+from bladeflow.core.params import OptimizeParams
 from bladeflow.core.settings import Settings
 from bladeflow.flows.deployments import with_dask
-from bladeflow.core.params import OptimizeParams
 from bladeflow.flows.optimize import optimize_flow
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")

@@ -23,7 +23,7 @@ import typer
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from bladeflow.app import stack, stack_proc
+from bladeflow.app import stack, stack_cli, stack_proc
 from bladeflow.app.stack import StackConfig
 from bladeflow.flows.nightly import MODEL_TAG_NIGHTLY
 from tests import models
@@ -93,7 +93,7 @@ def _bench() -> dict[str, int]:
 def test_status_reports_every_service_healthy(live_stack: StackConfig):
     # setup
     app = typer.Typer()
-    app.command()(stack.up)
+    app.command()(stack_cli.up)
     args = ["--status", "--home", str(live_stack.home)]
     args += ["--prefect-port", str(live_stack.prefect_port), "--mlflow-port"]
     args += [str(live_stack.mlflow_port), "--s3-port", str(live_stack.s3_port)]
