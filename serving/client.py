@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import orjson
 
-from bladeflow.serving.codec import NUMPY_TO_V2, V2_TO_NUMPY
+from bladeflow.serving.codec import BYTES, NUMPY_TO_V2, V2_TO_NUMPY
 
 RETRY_STATUSES = {429, 503}
 
@@ -46,7 +46,7 @@ def encode_request(inputs: Mapping[str, Any], request_id: str | None = None) -> 
     items: list[dict[str, Any]] = []
     for name, value in inputs.items():
         if isinstance(value, list | tuple) and value and all(isinstance(t, str) for t in value):
-            items.append({"name": name, "shape": [len(value)], "datatype": "BYTES", "data": value})
+            items.append({"name": name, "shape": [len(value)], "datatype": BYTES, "data": value})
             continue
         arr = np.ascontiguousarray(value)
         datatype = NUMPY_TO_V2.get(arr.dtype.name)
@@ -62,15 +62,17 @@ def encode_request(inputs: Mapping[str, Any], request_id: str | None = None) -> 
 
 
 def decode_response(body: bytes) -> InferResult:
-    """A v2 response body -> numpy outputs."""
+    """A v2 response body -> numpy outputs (BYTES as object arrays of str)."""
     doc = orjson.loads(body)
-    outputs = {
-        o["name"]: np.asarray(o["data"], dtype=V2_TO_NUMPY.get(o["datatype"], "float32")).reshape(
-            o["shape"]
-        )
-        for o in doc["outputs"]
-    }
+    outputs = {o["name"]: _array(o) for o in doc["outputs"]}
     return InferResult(outputs, str(doc.get("model_version")), str(doc.get("model_name")))
+
+
+def _array(tensor: Mapping[str, Any]) -> np.ndarray:
+    dtype = object if tensor["datatype"] == BYTES else V2_TO_NUMPY.get(tensor["datatype"])
+    if dtype is None:
+        raise TypeError(f"output {tensor['name']!r}: unknown datatype {tensor['datatype']!r}")
+    return np.asarray(tensor["data"], dtype=dtype).reshape(tensor["shape"])
 
 
 class Client:

@@ -1,6 +1,7 @@
 """Open Inference Protocol (v2) JSON <-> numpy: decode a request, encode a response.
 
-Pure functions over bytes and arrays, so each step of the request path can be tested alone.
+Pure functions over bytes and arrays, so each step of the request path can be tested alone. The
+datatype table here is the only one: metadata, the OpenAPI document and the client read it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-# v2 datatype <-> numpy dtype. BYTES (strings) is only used for raw text.
+# v2 datatype <-> numpy dtype of the numeric tensors. BYTES (strings) is not numeric: it is raw
+# text in requests (a model with a tokenizer) and string outputs (e.g. a classifier's labels).
 V2_TO_NUMPY: dict[str, str] = {
     "BOOL": "bool",
     "UINT8": "uint8",
@@ -29,6 +31,9 @@ V2_TO_NUMPY: dict[str, str] = {
     "FP64": "float64",
 }
 NUMPY_TO_V2: dict[str, str] = {v: k for k, v in V2_TO_NUMPY.items()}
+BYTES = "BYTES"
+# Every datatype the server speaks, in the spec's order of kinds.
+V2_DATATYPES: tuple[str, ...] = (*V2_TO_NUMPY, BYTES)
 
 # ONNX Runtime's type strings ("tensor(float)") -> numpy dtype names.
 ORT_TO_NUMPY: dict[str, str] = {
@@ -45,10 +50,30 @@ ORT_TO_NUMPY: dict[str, str] = {
     "tensor(float)": "float32",
     "tensor(double)": "float64",
 }
+ORT_STRING = "tensor(string)"  # outputs only: numpy object arrays of str, answered as BYTES
 
 
 class DecodeError(ValueError):
     """The request body is not a valid inference request for this model (HTTP 400)."""
+
+
+class EncodeError(ValueError):
+    """An output cannot be written as a v2 tensor (HTTP 500: the model's, or our, fault)."""
+
+
+def v2_datatype(dtype: str | np.dtype) -> str:
+    """The v2 datatype of a numpy dtype: ``float32`` -> ``FP32``, object/str -> ``BYTES``.
+
+    Names numpy does not know (an ONNX type such as ``seq(map(string,float))``) come back upper
+    case, so metadata still says what the model has.
+    """
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        return str(dtype).upper()
+    if dt.kind in "OSU":
+        return BYTES
+    return NUMPY_TO_V2.get(dt.name, dt.name.upper())
 
 
 @dataclass(frozen=True)
@@ -61,7 +86,7 @@ class InputMeta:
 
     @property
     def datatype(self) -> str:
-        return NUMPY_TO_V2.get(self.dtype, self.dtype.upper())
+        return v2_datatype(self.dtype)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -109,13 +134,20 @@ def decode_request(
         raise DecodeError(f"body is not valid JSON: {exc}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
         raise DecodeError("body must be a JSON object with a non-empty list 'inputs'")
+    check_parameters(doc, "the request")
     arrays: dict[str, np.ndarray] = {}
     texts: list[str] | None = None
     for item in doc["inputs"]:
         if not isinstance(item, dict):
             raise DecodeError("each entry of 'inputs' must be an object")
         name = item.get("name")
-        if isinstance(name, str) and item.get("datatype") == "BYTES" and allow_text:
+        params = check_parameters(item, f"input {name!r}")
+        if "binary_data_size" in params:
+            raise DecodeError(
+                f"input {name!r}: binary tensor data is not supported; send the values as JSON "
+                "in 'data' (tritonclient: set_data_from_numpy(..., binary_data=False))"
+            )
+        if isinstance(name, str) and item.get("datatype") == BYTES and allow_text:
             texts = _decode_text(item)
             continue
         if not isinstance(name, str) or name not in inputs:  # a list/object name is not hashable
@@ -129,12 +161,47 @@ def decode_request(
         rows = {a.shape[0] if a.ndim else 1 for a in arrays.values()}
         if len(rows) > 1:
             raise DecodeError(f"inputs disagree on the batch size (axis 0): {sorted(rows)}")
-    outputs = doc.get("outputs")
-    names = None
-    if isinstance(outputs, list):
-        names = [str(o.get("name")) for o in outputs if isinstance(o, dict)]
     rid = doc.get("id")
-    return InferRequest(arrays, str(rid) if rid is not None else None, names, texts)
+    return InferRequest(arrays, str(rid) if rid is not None else None, _requested(doc), texts)
+
+
+def check_parameters(item: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The ``parameters`` of a request, input or output: an object of string/number/boolean."""
+    params = item.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict) or not all(
+        isinstance(v, str | int | float | bool) for v in params.values()
+    ):
+        raise DecodeError(
+            f"{where}: 'parameters' must be an object whose values are strings, numbers or booleans"
+        )
+    return params
+
+
+def _requested(doc: Mapping[str, Any]) -> list[str] | None:
+    """The names in the request's ``outputs`` (None: every output)."""
+    outputs = doc.get("outputs")
+    if outputs is None:
+        return None
+    if not isinstance(outputs, list):
+        raise DecodeError("'outputs' must be a list of objects with a 'name'")
+    names = []
+    for entry in outputs:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise DecodeError("each entry of 'outputs' must be an object with a string 'name'")
+        # An output's parameters ("binary_data", ...) ask for extensions this server does not
+        # advertise; the answer is plain JSON, which every client reads.
+        check_parameters(entry, f"output {entry['name']!r}")
+        names.append(entry["name"])
+    return names or None
+
+
+def check_outputs(requested: Sequence[str] | None, available: Sequence[str]) -> None:
+    """Refuse requested output names the model does not have (before anything runs)."""
+    unknown = [n for n in requested or () if n not in available]
+    if unknown:
+        raise DecodeError(f"unknown output(s) {unknown}; the model has {list(available)}")
 
 
 def decode_tensor(item: Mapping[str, Any], meta: InputMeta) -> np.ndarray:
@@ -193,30 +260,52 @@ def _fill_optional(arrays: dict[str, np.ndarray], inputs: Mapping[str, InputMeta
 def encode_response(
     model_name: str,
     version: str,
-    outputs: Mapping[str, np.ndarray],
+    outputs: Mapping[str, Any],
     request_id: str | None = None,
     only: Sequence[str] | None = None,
 ) -> bytes:
-    """A v2 infer response as JSON bytes (numpy arrays serialized natively by orjson)."""
-    items = []
-    for name, arr in outputs.items():
-        if only and name not in only:
-            continue
-        flat = np.ascontiguousarray(arr).reshape(-1)
-        items.append(
-            {
-                "name": name,
-                "datatype": NUMPY_TO_V2.get(arr.dtype.name, arr.dtype.name.upper()),
-                "shape": list(arr.shape),
-                "data": flat,
-            }
-        )
+    """A v2 infer response as JSON bytes (numeric arrays serialized natively by orjson).
+
+    Raises:
+        EncodeError: an output is not a tensor of a v2 datatype (e.g. a sequence of maps).
+    """
+    items = [
+        encode_tensor(name, value)
+        for name, value in outputs.items()
+        if only is None or name in only
+    ]
     doc: dict[str, Any] = {"model_name": model_name, "model_version": version, "outputs": items}
     if request_id is not None:
         doc["id"] = request_id
-    return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    try:
+        return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    except orjson.JSONEncodeError as exc:
+        raise EncodeError(str(exc)) from None
 
 
-def error_body(message: str) -> bytes:
-    """The v2 error object."""
-    return orjson.dumps({"error": message})
+def encode_tensor(name: str, value: Any) -> dict[str, Any]:
+    """One output as a v2 tensor: numbers as a flat array, strings as BYTES (UTF-8 text)."""
+    if not isinstance(value, np.ndarray):
+        raise EncodeError(
+            f"output {name!r} is a {type(value).__name__}, not a tensor; export the model with "
+            "tensor outputs (e.g. skl2onnx options={'zipmap': False})"
+        )
+    datatype = v2_datatype(value.dtype)
+    flat = np.ascontiguousarray(value).reshape(-1)
+    data: Any = flat
+    if datatype == BYTES:
+        data = [_text(name, v) for v in flat.tolist()]
+    elif datatype not in V2_TO_NUMPY:
+        raise EncodeError(f"output {name!r} has dtype {value.dtype}, which has no v2 datatype")
+    return {"name": name, "datatype": datatype, "shape": list(value.shape), "data": data}
+
+
+def _text(name: str, value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise EncodeError(f"output {name!r} holds bytes that are not UTF-8 text") from None
+    raise EncodeError(f"output {name!r} holds a {type(value).__name__}, not a string")

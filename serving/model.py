@@ -19,7 +19,7 @@ import numpy as np
 
 from bladeflow.core import registry
 from bladeflow.core.contract import SessionConfig
-from bladeflow.serving.codec import ORT_TO_NUMPY, DecodeError, InputMeta
+from bladeflow.serving.codec import ORT_STRING, ORT_TO_NUMPY, DecodeError, InputMeta
 
 log = logging.getLogger("bladeflow.serving")
 
@@ -62,8 +62,11 @@ class LoadedVersion:
             self.inputs[i.name] = InputMeta(i.name, dtype, tuple(_dims(i.shape)))
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.output_shapes = {o.name: tuple(_dims(o.shape)) for o in self.session.get_outputs()}
+        # String outputs (a classifier's labels) come back as numpy object arrays: v2 BYTES.
+        strings = {ORT_STRING: "object"}
         self.output_types = {
-            o.name: ORT_TO_NUMPY.get(o.type, o.type) for o in self.session.get_outputs()
+            o.name: ORT_TO_NUMPY.get(o.type, strings.get(o.type, o.type))
+            for o in self.session.get_outputs()
         }
         self.tokenizer_dir = _tokenizer_dir(folder)
         self._tokenizer: Any = None

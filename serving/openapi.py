@@ -4,29 +4,24 @@ from __future__ import annotations
 
 from typing import Any
 
+from bladeflow.serving.codec import V2_DATATYPES
+
 JSON = "application/json"
 
+# Spec: a parameter's value is a string, a number or a boolean.
+_PARAMETERS = {
+    "type": "object",
+    "additionalProperties": {"type": ["string", "number", "boolean"]},
+}
 _TENSOR = {
     "type": "object",
     "required": ["name", "shape", "datatype", "data"],
     "properties": {
         "name": {"type": "string"},
         "shape": {"type": "array", "items": {"type": "integer"}},
-        "datatype": {
-            "type": "string",
-            "enum": [
-                "BOOL",
-                "INT8",
-                "INT16",
-                "INT32",
-                "INT64",
-                "UINT8",
-                "FP16",
-                "FP32",
-                "FP64",
-                "BYTES",
-            ],
-        },
+        # The codec's own table: what the server decodes and encodes is what the document says.
+        "datatype": {"type": "string", "enum": list(V2_DATATYPES)},
+        "parameters": _PARAMETERS,
         "data": {"type": "array", "description": "row-major values, flat or nested"},
     },
 }
@@ -53,6 +48,7 @@ _INFER = {
         "404": _ERR,
         "413": _ERR,
         "429": _ERR,
+        "500": _ERR,
         "503": _ERR,
         "504": _ERR,
     },
@@ -71,10 +67,19 @@ OPENAPI: dict[str, Any] = {
                 "required": ["inputs"],
                 "properties": {
                     "id": {"type": "string"},
+                    "parameters": _PARAMETERS,
                     "inputs": {"type": "array", "items": _TENSOR},
                     "outputs": {
                         "type": "array",
-                        "items": {"type": "object", "properties": {"name": {"type": "string"}}},
+                        "description": "only these outputs (an unknown name answers 400)",
+                        "items": {
+                            "type": "object",
+                            "required": ["name"],
+                            "properties": {
+                                "name": {"type": "string"},
+                                "parameters": _PARAMETERS,
+                            },
+                        },
                     },
                 },
             },
@@ -135,6 +140,13 @@ OPENAPI: dict[str, Any] = {
                     "404": _ERR,
                     "503": _ERR,
                 },
+            }
+        },
+        "/v2/models/{name}/versions/{version}/ready": {
+            "get": {
+                "summary": "That version is loaded and serving",
+                "parameters": [_NAME, _VERSION],
+                "responses": {"200": {"description": "ready"}, "401": _ERR, "404": _ERR},
             }
         },
         "/v2/models/{name}/infer": {

@@ -189,7 +189,8 @@ def bladeflow_server(
     cmd = [
         str(BIN / "python"),
         "-m",
-        "serving",
+        "bladeflow.app.cli",
+        "serve",
         "--model",
         name,
         "--port",

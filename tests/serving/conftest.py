@@ -182,6 +182,26 @@ def metric_value(text: str, name: str, **labels: str) -> float:
     return total
 
 
+LABEL_X = np.array(
+    [[0, 0], [0, 1], [1, 0], [4, 4], [4, 5], [5, 4], [9, 0], [9, 1], [8, 0]], np.float32
+)
+LABEL_Y = np.array(["cat"] * 3 + ["dog"] * 3 + ["bird"] * 3)
+
+
+def label_classifier(path: Path) -> Path:
+    """A scikit-learn classifier of 2 features into string labels, as ONNX (skl2onnx).
+
+    Input ``X`` float [batch, 2]; outputs ``label`` (strings: v2 BYTES) and ``probabilities``.
+    """
+    from skl2onnx import to_onnx
+    from sklearn.linear_model import LogisticRegression
+
+    model = LogisticRegression().fit(LABEL_X, LABEL_Y)
+    onx = to_onnx(model, LABEL_X[:1], options={"zipmap": False}, target_opset=17)
+    path.write_bytes(onx.SerializeToString())
+    return path
+
+
 def infer_body(x: np.ndarray, name: str = "x") -> dict[str, Any]:
     dtype = {"float32": "FP32", "int64": "INT64"}[x.dtype.name]
     return {

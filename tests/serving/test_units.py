@@ -1,4 +1,5 @@
-"""The request path's pieces alone: decode, merge/pad, split, route, compare, encode."""
+"""The request path's pieces alone: decode, merge/pad, split, route, compare, encode, and the
+one error-to-status mapping."""
 
 from __future__ import annotations
 
@@ -9,8 +10,16 @@ import numpy as np
 import orjson
 import pytest
 
-from bladeflow.serving.batching import merge, split
-from bladeflow.serving.codec import DecodeError, InputMeta, decode_request, encode_response
+from bladeflow.serving.batching import QueueFull, merge, split
+from bladeflow.serving.codec import (
+    DecodeError,
+    EncodeError,
+    InputMeta,
+    check_outputs,
+    decode_request,
+    encode_response,
+)
+from bladeflow.serving.errors import Timeout, as_serving_error
 from bladeflow.serving.routing import CANARY, CHAMPION, choose_role, compare
 
 X = {"x": InputMeta("x", "float32", ("batch", 3))}
@@ -162,3 +171,57 @@ def test_import_serving_loads_no_heavy_frameworks():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     # assert
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_encode_response_writes_string_outputs_as_bytes():
+    # setup
+    outputs = {"label": np.array(["cat", "dog"], dtype=object), "p": np.ones((2, 1), np.uint16)}
+    # execute
+    doc = orjson.loads(encode_response("m", "1", outputs))
+    # assert
+    assert doc["outputs"][0] == {
+        "name": "label",
+        "datatype": "BYTES",
+        "shape": [2],
+        "data": ["cat", "dog"],
+    }
+    assert doc["outputs"][1]["datatype"] == "UINT16"
+
+
+def test_encode_response_refuses_outputs_that_are_not_tensors():
+    # execute / assert
+    with pytest.raises(EncodeError, match="not a tensor"):
+        encode_response("m", "1", {"probs": [{"cat": 0.5}]})
+
+
+def test_decode_checks_parameters_and_requested_outputs():
+    # setup
+    x = {"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}
+    ok = orjson.dumps({"inputs": [x], "parameters": {"binary_data_output": True}})
+    bad = orjson.dumps({"inputs": [{**x, "parameters": {"k": [1]}}]})
+    # execute
+    req = decode_request(ok, X)
+    # assert
+    assert req.outputs is None
+    with pytest.raises(DecodeError, match="parameters"):
+        decode_request(bad, X)
+    with pytest.raises(DecodeError, match="unknown output"):
+        check_outputs(["nope"], ["y"])
+
+
+@pytest.mark.parametrize(
+    ("exc", "status"),
+    [
+        (DecodeError("bad"), 400),
+        (QueueFull(), 429),
+        (type("InvalidArgument", (Exception,), {})("shape"), 400),
+        (EncodeError("odd"), 500),
+        (ZeroDivisionError("our bug"), 500),
+        (Timeout("late"), 504),
+    ],
+)
+def test_one_place_maps_errors_to_statuses(exc: Exception, status: int):
+    # execute
+    err = as_serving_error(exc, "m", "1")
+    # assert
+    assert err.status == status and err.message
