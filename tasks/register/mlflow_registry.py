@@ -31,6 +31,7 @@ from bladeflow.core import registry
 from bladeflow.core.contract import Candidate, Signature
 from bladeflow.core.errors import RegistryError, UserInputError
 from bladeflow.core.faults import fault_point
+from bladeflow.core.locks import sqlite_setup_lock
 from bladeflow.core.mlflow_client import mlflow_client
 from bladeflow.core.redact import redact
 from bladeflow.core.settings import Settings
@@ -80,7 +81,16 @@ def _is_service_error(exc: BaseException) -> bool:
 
 
 def ensure_experiment(settings: Settings) -> str:
-    """The experiment id for ``settings.experiment``, created with the artifact root if new."""
+    """The experiment id for ``settings.experiment``, created with the artifact root if new.
+
+    The first use of a SQLite database creates and migrates it; runs started together on a new
+    home would race through that migration, so it happens under an inter-process lock.
+    """
+    with sqlite_setup_lock(settings.tracking_uri):
+        return _ensure_experiment(settings)
+
+
+def _ensure_experiment(settings: Settings) -> str:
     from mlflow.exceptions import MlflowException
 
     c = client(settings)

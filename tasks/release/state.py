@@ -12,7 +12,11 @@ Registered-model tags (besides ``bladeflow.canary_weight``):
   ``canary_weight=0``, ``shadow_share>0``.
 - ``bladeflow.previous_champion``: the version the last promotion replaced (``release rollback``).
 - ``bladeflow.release.lease``: JSON ``{token, holder, flow_run_id, run_id, version, acquired,
-  expires}`` (epoch seconds) of the release in progress; renewed every poll.
+  expires, guard}`` (epoch seconds) of the release in progress; renewed every poll. It is the
+  visible record of who releases the model. The mutual exclusion itself is ``guard``: the Prefect
+  global concurrency limit (one slot, taken atomically by the Prefect server) that the release
+  flow holds for its whole run (``flows/release.py``). MLflow has no compare-and-set, so a lease
+  written without a guard (a ``Releaser`` used outside a flow) is only checked by reading it back.
 
 Version tags: ``bladeflow.release.{outcome,reason,stage,stage_index,run_id,actor,updated_at,
 approved_by}`` and ``bladeflow.release.stage.<name>`` (JSON: decision, time, reason).
@@ -29,6 +33,7 @@ from typing import Any
 
 from bladeflow.core import registry
 from bladeflow.core.errors import RegistryError, UserInputError
+from bladeflow.core.faults import fault_point
 from bladeflow.tasks.release.errors import NotValidatedError, ReleaseConflictError
 
 MODEL_TAG_SHADOW_SHARE = registry.MODEL_TAG_SHADOW_SHARE
@@ -66,6 +71,8 @@ class Lease:
     flow_run_id: str | None = None
     run_id: str | None = None
     acquired: float = field(default_factory=time.time)
+    # The Prefect global concurrency limit whose only slot this release holds, or None.
+    guard: str | None = None
 
     def expired(self, now: float | None = None) -> bool:
         return (now if now is not None else time.time()) >= self.expires
@@ -173,30 +180,50 @@ def record_stage(c: Any, name: str, version: str, stage: str, doc: dict[str, Any
 
 
 def acquire_lease(c: Any, name: str, lease: Lease, settle_s: float = 0.3) -> Lease | None:
-    """Take the release lease of ``name``; return the stale lease it replaced, if any.
+    """Record the release lease of ``name``; return the stale lease it replaced, if any.
 
-    MLflow has no compare-and-set, so the lease is written, then read back after ``settle_s``:
-    of two starts racing, the one whose write lost sees the other's token and backs off.
+    With ``lease.guard`` set, the caller already holds that Prefect concurrency slot, which
+    excludes every other guarded start atomically; the tag only records the holder. Without a
+    guard, the read-back after ``settle_s`` is the only check, and it is not mutual exclusion: a
+    racing writer slower than ``settle_s`` also believes it won.
 
     Raises:
         ReleaseConflictError: a live release (not this one) holds the lease.
     """
     current = read_state(c, name).lease
     if current is not None and current.token != lease.token and not current.expired():
-        raise _busy(name, current)
+        raise busy_error(name, current)
+    fault_point(f"release.lease_write.{name}.{lease.version}")  # reliability tests: slow write
     c.set_registered_model_tag(name, MODEL_TAG_LEASE, lease.to_json())
-    time.sleep(settle_s)
+    if lease.guard is None:
+        time.sleep(settle_s)
     winner = read_state(c, name).lease
     if winner is None or winner.token != lease.token:
-        raise _busy(name, winner or current or lease)
+        raise busy_error(name, winner or current or lease)
     return current if current is not None and current.token != lease.token else None
 
 
-def _busy(name: str, holder: Lease) -> ReleaseConflictError:
+def busy_error(name: str, holder: Lease | None, guard: str | None = None) -> ReleaseConflictError:
+    """The conflict a second start of a release of ``name`` reports.
+
+    Args:
+        name: the registered model.
+        holder: the lease tag of the running release, if it is written yet.
+        guard: the Prefect concurrency limit that refused this start, if that is what refused it.
+    """
+    if holder is not None and not (guard and holder.expired()):
+        who = f"held by {holder.describe()}"
+    elif guard:
+        who = (
+            f"another flow run holds the Prefect concurrency limit {guard!r} (its lease tag is "
+            + ("not written yet" if holder is None else f"from {holder.describe()}")
+            + "; the slot of a release that died frees itself within a few minutes)"
+        )
+    else:
+        who = "held by another release"
     return ReleaseConflictError(
-        f"a release of {name!r} is already in progress, held by {holder.describe()}. Wait for "
-        f"it, or stop it with `bladeflow release rollback {name}` / finish it with "
-        f"`bladeflow release promote {name}`"
+        f"a release of {name!r} is already in progress, {who}. Wait for it, or stop it with "
+        f"`bladeflow release rollback {name}` / finish it with `bladeflow release promote {name}`"
     )
 
 
