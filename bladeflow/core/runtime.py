@@ -22,6 +22,15 @@ _LEVELS = {
 }
 
 
+# What ONNX Runtime raises for a model it cannot load (bad graph, unknown operator, bad argument).
+LOAD_ERRORS = (
+    ort.capi.onnxruntime_pybind11_state.Fail,
+    ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+    ort.capi.onnxruntime_pybind11_state.NotImplemented,
+    ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+)
+
+
 def graph_level(name: str) -> ort.GraphOptimizationLevel:
     """Map a level name (disable/basic/extended/all) to ONNX Runtime's enum."""
     try:
@@ -86,12 +95,7 @@ def make_session(path: str | Path, config: SessionConfig | None = None) -> ort.I
         return ort.InferenceSession(
             str(path), sess_options=session_options(config), providers=provider_list(config, path)
         )
-    except (
-        ort.capi.onnxruntime_pybind11_state.Fail,
-        ort.capi.onnxruntime_pybind11_state.InvalidGraph,
-        ort.capi.onnxruntime_pybind11_state.NotImplemented,
-        ort.capi.onnxruntime_pybind11_state.InvalidArgument,
-    ) as exc:
+    except LOAD_ERRORS as exc:
         raise ModelFileError(
             f"ONNX Runtime {ort.__version__} cannot load {path}: {_first_line(exc)}. If it names "
             "an operator that is not implemented, re-export the model with an older opset or "

@@ -51,6 +51,14 @@ class ConvertOptions(BaseModel):
         None, description="input/output -> axis -> dim name; None: batch (and sequence) dynamic"
     )
     target_opset: int | None = Field(None, description="ONNX opset to export/convert to")
+    weights: str | None = Field(
+        None, description="Caffe: the .caffemodel for a .prototxt (default: same stem beside it)"
+    )
+    keep_initializer_inputs: bool = Field(
+        False,
+        description="keep weights that old exporters also list as graph inputs (for callers "
+        "that feed weights); by default they are removed so ONNX Runtime can fold them",
+    )
     tolerance: Tolerance = Field(
         default_factory=lambda: Tolerance(atol=1e-4, rtol=1e-3, min_cosine=0.999),
         description="how close ONNX Runtime must be to the source framework",
@@ -81,7 +89,9 @@ def convert_source(source: str, workdir: Path, options: ConvertOptions) -> Model
         from bladeflow.tasks.convert.onnx_source import load_onnx_source
 
         final = staging / "final"
-        admitted = load_onnx_source(exported.onnx_path, final, options.target_opset)
+        admitted = load_onnx_source(
+            exported.onnx_path, final, options.target_opset, options.keep_initializer_inputs
+        )
         signature = _with_value_ranges(admitted.signature, exported.value_ranges)
         step = PassRecord(
             name=f"convert.{fmt}",

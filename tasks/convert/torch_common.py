@@ -16,6 +16,7 @@ import numpy as np
 
 from bladeflow.core.errors import ModelFileError
 from bladeflow.tasks.convert.errors import ConversionError, missing_framework
+from bladeflow.tasks.convert.torch_fastpath import register_fastpath_symbolics
 
 if TYPE_CHECKING:
     from bladeflow.tasks.convert.dispatch import ConvertOptions
@@ -115,6 +116,8 @@ def export_module(
         else default_dynamic_axes(example, flat)
     )
     opset = options.target_opset or DEFAULT_OPSET
+    # Traced nn.TransformerEncoder / nn.MultiheadAttention record fused fast-path ops.
+    register_fastpath_symbolics()
     try:
         torch.onnx.export(
             module,

@@ -62,7 +62,12 @@ def input_names(module: Any) -> list[str]:
 
 
 class TorchScriptConverter(Converter):
-    """Converts a TorchScript module to ONNX with the TorchScript exporter."""
+    """Converts a TorchScript module to ONNX with the TorchScript exporter.
+
+    Traces of eval-mode ``nn.TransformerEncoder``/``nn.MultiheadAttention`` hold PyTorch's fused
+    fast-path ops; ``export_module`` decomposes them (see ``torch_fastpath``) and the result is
+    verified against this TorchScript module.
+    """
 
     format = "torchscript"
     description = "a TorchScript file (.pt/.pth/.ts from torch.jit.save; input_shapes required)"

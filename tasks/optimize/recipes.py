@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from bladeflow.core import registry
 from bladeflow.core.contract import Candidate, ModelArtifact, PassRecord, SessionConfig
 from bladeflow.core.environment import hardware
 from bladeflow.core.errors import UserInputError
@@ -31,6 +32,8 @@ BASELINE_SESSION = SessionConfig(graph_optimization_level="disable")
 # Steps shared by several recipes are built once here; each recipe's folder then holds
 # ``<recipe>/NN-<pass>/model.onnx`` (+ ``pass_config.json``) as links to them.
 SHARED = "_shared"
+# Passes that run ONNX Runtime's int8 quantizers (mixed_precision too, unless it targets fp16).
+_INT8_PASSES = {"int8_dynamic", "int8_static"}
 _FOLDER_LOCKS: dict[Path, threading.Lock] = {}
 _LOCKS_GUARD = threading.Lock()
 
@@ -43,6 +46,7 @@ __all__ = [
     "Recipe",
     "RecipePlan",
     "build_candidate",
+    "int8_blocked",
     "parse_passes",
     "plan_recipes",
     "resolve_recipes",
@@ -117,10 +121,13 @@ def plan_recipes(
     passes: str | None = None,
     hw: dict[str, Any] | None = None,
     op_types: set[str] | None = None,
+    model: ModelArtifact | None = None,
 ) -> RecipePlan:
     """Baseline first, then ``--passes`` if given, else the preset's; inapplicable ones skipped.
 
     ``op_types``: the model's op types; recipes with nothing to do on such a graph are skipped.
+    ``model``: the converted model; int8 recipes are skipped when its conversion recorded why
+    they cannot work on it (an opset too old for the quantizers, see :func:`int8_blocked`).
     """
     hw = hardware() if hw is None else hw
     if passes:
@@ -136,7 +143,7 @@ def plan_recipes(
     for recipe in chosen:
         if recipe.name == BASELINE:
             continue
-        why = skip_reason(recipe, hw, op_types)
+        why = skip_reason(recipe, hw, op_types) or _int8_skip(recipe, model)
         if why:
             plan.skipped[recipe.name] = why
         else:
@@ -171,6 +178,9 @@ def build_candidate(
         PassNotApplicable: a pass cannot run here (no GPU) or needs a context that was not given.
     """
     hw = hardware()
+    why = _int8_skip(recipe, model)
+    if why:
+        raise PassNotApplicable(why)
     artifact, session = model, recipe.session
     applied: list[PassRecord] = []
     chain = hashlib.sha256(model.sha256.encode())
@@ -193,6 +203,27 @@ def build_candidate(
         session = step.session_config(session)
         applied.append(step.record())
     return Candidate(name=recipe.name, artifact=artifact, session=session, recipe=applied)
+
+
+def int8_blocked(model: ModelArtifact) -> str | None:
+    """Why int8 passes cannot run on ``model``, as its conversion recorded it (None: they can)."""
+    step = model.provenance.step
+    reason = step.config.get(registry.PROVENANCE_INT8_BLOCKED) if step is not None else None
+    return str(reason) if reason else None
+
+
+def _int8_skip(recipe: Recipe, model: ModelArtifact | None) -> str | None:
+    if model is None:
+        return None
+    quantizing = [r.name for r in recipe.passes if _quantizes_int8(r)]
+    why = int8_blocked(model) if quantizing else None
+    return f"{quantizing[0]}: not applicable to this model: {why}" if why else None
+
+
+def _quantizes_int8(record: PassRecord) -> bool:
+    if record.name == "mixed_precision":  # its default precision is int8_dynamic
+        return str(record.config.get("precision", "int8_dynamic")).startswith("int8")
+    return record.name in _INT8_PASSES
 
 
 def _mirror(shared: Path, own: Path) -> Path:
