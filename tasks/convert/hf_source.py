@@ -4,6 +4,12 @@ Exported through PyTorch with eager attention and ``dynamo=False`` (what ONNX Ru
 transformer optimizer fuses fully), dynamic ``batch``/``sequence`` axes; the tokenizer files are
 kept beside the model (``assets["tokenizer"]``) and ``input_ids`` carries ``[0, vocab_size)``.
 Nothing is downloaded: the folder must hold everything (``HF_HUB_OFFLINE=1`` works).
+
+Encoders and their classification heads are supported; the class the config declares in
+``architectures`` is loaded, so a head (e.g. ``...ForSequenceClassification``) is kept.
+Generation models (encoder-decoders with a decoder loop, decoder-only language models) are
+refused by :func:`refuse_generation_model`: exported one forward pass at a time they would lose
+the LM head or the decoding loop, and the result would not be the model the user gave.
 """
 
 from __future__ import annotations
@@ -78,6 +84,108 @@ def check_hf_folder(path: Path) -> None:
             )
 
 
+# Class-name endings of generation models in transformers (architectures in config.json).
+GENERATION_SUFFIXES = (
+    "ForConditionalGeneration",  # BART, T5, Pegasus, Marian, Whisper, ...
+    "ForCausalLM",  # Llama, Mistral, Qwen, OPT, ...
+    "LMHeadModel",  # GPT-2, GPT-J, CTRL, ...
+    "ForSpeechSeq2Seq",
+    "ForSeq2SeqLM",
+    "ForVision2Seq",
+    "ForImageTextToText",
+)
+# Class-name endings loaded as declared: encoders and heads that need one forward pass. Others
+# fall back to AutoModel, the base network: pretraining checkpoints such as bert-base-uncased
+# declare ...ForMaskedLM but are used as encoders, so their MLM head is left out as before.
+SUPPORTED_SUFFIXES = (
+    "ForSequenceClassification",
+    "ForTokenClassification",
+    "ForQuestionAnswering",
+    "EncoderModel",  # e.g. T5EncoderModel: the encoder alone
+    "Model",  # the base network, e.g. BertModel
+)
+# Encoder classes whose folder may still carry a stray generation_config.json (older
+# transformers wrote one for some of them): their declared architecture wins.
+_ENCODER_SUFFIXES = (
+    *SUPPORTED_SUFFIXES,
+    "ForMaskedLM",
+    "ForPreTraining",
+    "ForMultipleChoice",
+    "ForNextSentencePrediction",
+)
+SUPPORTED_HELP = (
+    "bladeflow supports Hugging Face encoders and classifiers, exported as one forward pass: "
+    "e.g. BertModel, T5EncoderModel, ...ForSequenceClassification, ...ForTokenClassification, "
+    "...ForQuestionAnswering"
+)
+
+
+def refuse_generation_model(path: str | Path) -> None:
+    """Refuse a Hugging Face folder that holds a generation model; reads config.json only.
+
+    A generation model is declared by an ``architectures`` entry ending in one of
+    :data:`GENERATION_SUFFIXES`, by ``is_encoder_decoder: true``, or by a
+    ``generation_config.json`` beside the config (ignored when ``architectures`` names only
+    encoder classes, e.g. ``BertForMaskedLM``: the declared class says more). No framework is
+    imported: the CLI runs this before any work.
+
+    Raises:
+        ModelFileError: a generation model (exit 2), naming the architecture and what is
+            supported.
+    """
+    import json
+
+    folder = Path(path)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # not a readable HF folder: check_hf_folder and the loader report that
+    if not isinstance(config, dict):
+        return
+    architectures = [str(a) for a in config.get("architectures") or []]
+    model_type = str(config.get("model_type", "?"))
+    generating = [a for a in architectures if a.endswith(GENERATION_SUFFIXES)]
+    declared_supported = bool(architectures) and all(
+        a.endswith(_ENCODER_SUFFIXES) and a not in generating for a in architectures
+    )
+    why = ""
+    if generating:
+        why = f"its config declares the generation architecture {', '.join(generating)}"
+    elif config.get("is_encoder_decoder") is True:
+        shown = ", ".join(architectures) or f"model_type {model_type!r}"
+        why = f"its config declares an encoder-decoder ({shown}, is_encoder_decoder: true)"
+    elif (folder / "generation_config.json").is_file() and not declared_supported:
+        shown = ", ".join(architectures) or f"model_type {model_type!r}"
+        why = f"it has a generation_config.json ({shown})"
+    if why:
+        raise generation_refusal(f"{folder} holds a generation model: {why}")
+
+
+def generation_refusal(what: str) -> ModelFileError:
+    """The exit-2 error for a generation model: ``what`` it is, then what is supported."""
+    return ModelFileError(
+        f"{what}. Generation models (encoder-decoders with a decoder loop such as BART, T5 or "
+        "Whisper; decoder-only language models such as GPT-2 or Llama) are not supported yet: "
+        "exporting one forward pass would drop the LM head or the decoding loop and register a "
+        f"different model. {SUPPORTED_HELP}."
+    )
+
+
+def declared_class(path: Path) -> str | None:
+    """The supported class ``architectures`` declares (loaded instead of AutoModel), if any."""
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    archs = config.get("architectures") if isinstance(config, dict) else None
+    for arch in archs or []:
+        if isinstance(arch, str) and arch.endswith(SUPPORTED_SUFFIXES):
+            return arch
+    return None
+
+
 def is_hf_folder(path: Path) -> bool:
     return (path / "config.json").is_file() and any((path / w).is_file() for w in _WEIGHTS)
 
@@ -119,10 +227,13 @@ def load(path: Path) -> tuple[Any, Any]:
         unreadable = (*unreadable, SafetensorError)
     except ImportError:  # transformers depends on safetensors; keep the basic errors
         pass
+    refuse_generation_model(path)
+    name = declared_class(path)
+    # The declared class keeps the head (AutoModel would load the base network without it).
+    cls = getattr(transformers, name, None) if name else None
+    cls = cls if cls is not None and hasattr(cls, "from_pretrained") else transformers.AutoModel
     try:
-        model = transformers.AutoModel.from_pretrained(
-            str(path), attn_implementation="eager", local_files_only=True
-        )
+        model = cls.from_pretrained(str(path), attn_implementation="eager", local_files_only=True)
     except unreadable as exc:
         raise ModelFileError(
             f"transformers cannot load the model in {path}: {first_line(exc)}"
@@ -165,6 +276,7 @@ class HuggingFaceConverter(Converter):
     def precheck(cls, source: str) -> None:
         check_size(source)
         check_hf_folder(Path(source))
+        refuse_generation_model(source)
 
     def export(self, source: str, workdir: Path, options: ConvertOptions) -> Export:
         torch = import_torch(self.format)
@@ -198,6 +310,7 @@ class HuggingFaceConverter(Converter):
             assets["tokenizer"] = folder
         config.update(
             {
+                "model_class": type(model).__name__,
                 "attn_implementation": "eager",
                 "model_type": model.config.model_type,
                 "tokenizer": bool(files),

@@ -5,6 +5,8 @@ its flavor read from the MLmodel file, and the stored files handed to the conver
 onnx -> onnx; pytorch saved as ``pt2`` -> torch_export; sklearn saved with skops -> sklearn;
 tensorflow/keras -> keras or tf_savedmodel; transformers -> huggingface. Pickle-based flavors
 (pytorch ``pickle``, sklearn ``pickle``/``cloudpickle``) are refused: loading them runs code.
+Transformers models logged for a generation task (text generation, summarization, translation,
+speech recognition, ...) are refused too: generation models are not supported yet.
 """
 
 from __future__ import annotations
@@ -71,10 +73,15 @@ def resolve(local: Path, uri: str) -> tuple[str, Path, str]:
             "mlflow.sklearn.log_model(..., serialization_format='skops')",
         )
     if "transformers" in flavors:
-        from bladeflow.tasks.convert.hf_source import is_hf_folder
+        from bladeflow.tasks.convert.hf_source import is_hf_folder, refuse_generation_model
 
+        refuse_generation_flavor(flavors["transformers"], uri)
         for cfg in sorted(local.rglob("config.json")):
             if is_hf_folder(cfg.parent):
+                try:
+                    refuse_generation_model(cfg.parent)
+                except ModelFileError as exc:
+                    raise ModelFileError(f"{uri}: {exc}") from exc
                 _add_logged_tokenizer(local / "components" / "tokenizer", cfg.parent)
                 return "huggingface", cfg.parent, "transformers"
         raise ModelFileError(
@@ -93,6 +100,32 @@ def resolve(local: Path, uri: str) -> tuple[str, Path, str]:
         f"{uri} has flavor(s) {sorted(flavors)}; bladeflow converts MLflow models of flavor "
         "onnx, pytorch (pt2), sklearn (skops), keras/tensorflow and transformers"
     )
+
+
+# Pipeline tasks of MLflow's transformers flavor that generate text (a decoding loop).
+_GENERATION_TASKS = (
+    "text-generation",
+    "text2text-generation",
+    "summarization",
+    "translation",
+    "automatic-speech-recognition",
+    "image-to-text",
+    "image-text-to-text",
+    "conversational",
+    "llm/",
+)
+
+
+def refuse_generation_flavor(conf: dict[str, Any], uri: str) -> None:
+    """Refuse an MLflow transformers model logged for a generation task (from the MLmodel file,
+    before its config is read): its pipeline task or its model class names generation."""
+    from bladeflow.tasks.convert.hf_source import GENERATION_SUFFIXES, generation_refusal
+
+    task = str(conf.get("task") or "")
+    model_class = str(conf.get("pipeline_model_type") or "")
+    if task.startswith(_GENERATION_TASKS) or model_class.endswith(GENERATION_SUFFIXES):
+        what = ", ".join(x for x in (model_class, f"task {task!r}" if task else "") if x)
+        raise generation_refusal(f"{uri} is a transformers generation model ({what})")
 
 
 def _add_logged_tokenizer(components: Path, model_dir: Path) -> None:

@@ -101,6 +101,7 @@ def export_sklearn(model: Any, output: Path, options: ConvertOptions) -> tuple[l
             f"skl2onnx cannot convert {type(final).__name__}: {exc}. Use estimators skl2onnx "
             "supports (https://onnx.ai/sklearn-onnx/supported.html) or register a converter."
         ) from exc
+    _dedupe_opset_imports(onx)
     for value in [*onx.graph.input, *onx.graph.output]:
         dims = value.type.tensor_type.shape.dim
         if dims and not dims[0].HasField("dim_value"):
@@ -114,6 +115,21 @@ def export_sklearn(model: Any, output: Path, options: ConvertOptions) -> tuple[l
         "estimator": type(final).__name__,
         "n_features": int(shape[-1]),
     }
+
+
+def _dedupe_opset_imports(onx: Any) -> None:
+    """One opset import per domain, the highest. skl2onnx can list the default domain twice,
+    which ONNX Runtime's quantization tools reject ("Failed to find proper ai.onnx domain")."""
+    versions: dict[str, int] = {}
+    for imp in onx.opset_import:
+        domain = "" if imp.domain == "ai.onnx" else imp.domain
+        versions[domain] = max(versions.get(domain, 0), int(imp.version))
+    if len(versions) == len(onx.opset_import):
+        return
+    del onx.opset_import[:]
+    for domain, version in versions.items():
+        imp = onx.opset_import.add()
+        imp.domain, imp.version = domain, version
 
 
 class SkopsConverter(Converter):

@@ -10,6 +10,7 @@ from bladeflow.tasks.convert.base import SourceRunner
 from bladeflow.tasks.convert.errors import ConversionError
 from bladeflow.tasks.validate.accuracy import REFERENCE_SESSION, compare, predict
 from bladeflow.tasks.validate.data import Dataset, batches, fixed_batch, synthesize
+from bladeflow.tasks.validate.labels import as_text
 
 VERIFY_SAMPLES = 4
 _SOURCE_BATCH = 8
@@ -32,11 +33,15 @@ def verification_data(
 
 
 def run_source(runner: SourceRunner, data: Dataset, batch: int) -> dict[str, np.ndarray]:
-    """Outputs of the source over the dataset, concatenated along the sample axis."""
+    """Outputs of the source over the dataset, concatenated along the sample axis.
+
+    String outputs (e.g. class labels) become ``numpy.str_`` arrays, as :func:`predict` gives
+    them for the ONNX model, so the two compare by equality and save without pickling.
+    """
     chunks: dict[str, list[np.ndarray]] = {}
     for part in batches(data, batch):
         for name, value in runner(part).items():
-            chunks.setdefault(name, []).append(np.asarray(value))
+            chunks.setdefault(name, []).append(as_text(np.asarray(value)))
     return {n: np.concatenate(v) if len(v) > 1 and v[0].ndim else v[0] for n, v in chunks.items()}
 
 

@@ -13,6 +13,13 @@ from bladeflow.core.contract import (
 )
 from bladeflow.core.runtime import make_session, run
 from bladeflow.tasks.validate.data import Dataset, batches, fixed_batch
+from bladeflow.tasks.validate.labels import (
+    agree_rows,
+    as_text,
+    first_difference,
+    is_text,
+    label_accuracy,
+)
 
 # The reference runs the graph exactly as written: no fusions, no reordered arithmetic.
 REFERENCE_SESSION = SessionConfig(graph_optimization_level="disable")
@@ -20,14 +27,18 @@ _EVAL_BATCH = 32
 
 
 def predict(model: ModelArtifact, session: SessionConfig, data: Dataset) -> dict[str, np.ndarray]:
-    """Outputs of ``model`` over the whole dataset, concatenated along the sample axis."""
+    """Outputs of ``model`` over the whole dataset, concatenated along the sample axis.
+
+    String outputs (ONNX ``tensor(string)``, object arrays from ONNX Runtime) come back as
+    ``numpy.str_`` arrays, so they save with ``numpy.savez`` and compare by equality.
+    """
     sess = make_session(model.path, session)
     names = [o.name for o in model.signature.outputs]
     size = fixed_batch(model.signature) or _EVAL_BATCH
     chunks: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for batch in batches(data, size):
         for name, value in run(sess, batch, names).items():
-            chunks[name].append(value)
+            chunks[name].append(as_text(value))
     return {n: _concat(v) for n, v in chunks.items()}
 
 
@@ -38,13 +49,26 @@ def compare(
     tolerance: Tolerance,
     synthetic_data: bool,
 ) -> AccuracyReport:
-    """Per-sample comparison of ``outputs`` against ``reference`` under ``tolerance``."""
+    """Per-sample comparison of ``outputs`` against ``reference`` under ``tolerance``.
+
+    String (label) outputs must be equal sample by sample; ``tolerance`` applies to numbers only.
+    """
     per_output: dict[str, OutputAccuracy] = {}
     reasons: list[str] = []
     for name, ref in reference.items():
         got = outputs[name]
         if got.shape != ref.shape:
             reasons.append(f"output {name!r} has shape {got.shape}, source {ref.shape}")
+            continue
+        if is_text(ref) or is_text(got):
+            acc = label_accuracy(agree_rows(got, ref))
+            per_output[name] = acc
+            if acc.failing_samples:
+                reasons.append(
+                    f"output {name!r}: {acc.failing_samples}/{acc.samples} samples have another "
+                    f"label than the source (agreement {acc.mean_cosine:.4f}; first: "
+                    f"{first_difference(got, ref)})"
+                )
             continue
         acc = _output_accuracy(got, ref, tolerance)
         per_output[name] = acc

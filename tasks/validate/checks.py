@@ -18,9 +18,9 @@ import numpy as np
 
 from bladeflow.core.contract import Signature, TensorSpec
 from bladeflow.core.errors import DataError
+from bladeflow.core.policy import DataPolicy
 from bladeflow.tasks.validate.data import Dataset, check_dataset
 from bladeflow.tasks.validate.gx import Check, SuiteResult, run_checks
-from bladeflow.tasks.validate.policy import DataPolicy
 
 if TYPE_CHECKING:
     import pandas as pd

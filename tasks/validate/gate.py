@@ -24,11 +24,18 @@ from bladeflow.core.contract import (
     SessionConfig,
 )
 from bladeflow.core.hashing import sha256_path
+from bladeflow.core.policy import OutputTolerance, TolerancePolicy
 from bladeflow.tasks.validate.accuracy import REFERENCE_SESSION, cosine_rows, predict
 from bladeflow.tasks.validate.data import Dataset
 from bladeflow.tasks.validate.gx import Check, SuiteResult, run_checks
+from bladeflow.tasks.validate.labels import (
+    LABEL_AGREE,
+    agree_rows,
+    first_difference,
+    is_text,
+    label_accuracy,
+)
 from bladeflow.tasks.validate.metrics import MetricComparison, compare_metric
-from bladeflow.tasks.validate.policy import OutputTolerance, TolerancePolicy
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -63,6 +70,8 @@ def error_table(
     and for classifier outputs (``policy.is_classifier``, 2-D, >= 2 columns) ``top1_agree`` (0/1)
     and ``topk_overlap`` (0..1).
     A NaN on one side only counts as an infinite error.
+    String outputs (class labels) have no numeric distance: their only column is
+    ``label_agree`` (1.0 when every element of the sample equals the source's, else 0.0).
 
     Raises:
         ValueError: an output's shape differs from the source's (the caller reports it).
@@ -74,6 +83,9 @@ def error_table(
         got = outputs[name]
         if got.shape != ref.shape:
             raise ValueError(f"output {name!r} has shape {got.shape}, source {ref.shape}")
+        if is_text(ref) or is_text(got):
+            columns[f"{name}.{LABEL_AGREE}"] = agree_rows(got, ref)
+            continue
         tol = policy.for_output(name)
         a, b = _rows(got), _rows(ref)
         both_nan = np.isnan(a) & np.isnan(b)
@@ -112,6 +124,9 @@ def gate_checks(table: pd.DataFrame, outputs: list[str], policy: TolerancePolicy
     ]
     for name in outputs:
         tol = policy.for_output(name)
+        if f"{name}.{LABEL_AGREE}" in table:
+            checks += _label_checks(name, tol)
+            continue
         share = "for every sample" if tol.mostly >= 1 else f"for >= {tol.mostly:.3%} of samples"
         checks.append(
             Check(
@@ -146,6 +161,28 @@ def gate_checks(table: pd.DataFrame, outputs: list[str], policy: TolerancePolicy
                 )
             )
     return checks
+
+
+def _label_checks(name: str, tol: OutputTolerance) -> list[Check]:
+    """A string (label) output: agreement with the source's labels, gated like argmax."""
+    column = f"{name}.{LABEL_AGREE}"
+    share = (
+        "every sample"
+        if tol.min_label_agreement >= 1
+        else f">= {tol.min_label_agreement:.4g} of samples"
+    )
+    return [
+        Check(
+            f"{name}: a label agreement value for every sample",
+            "ExpectColumnValuesToNotBeNull",
+            {"column": column},
+        ),
+        Check(
+            f"{name}: label equals the source's on {share}",
+            "ExpectColumnMeanToBeBetween",
+            {"column": column, "min_value": tol.min_label_agreement},
+        ),
+    ]
 
 
 def accuracy_gate(
@@ -189,6 +226,15 @@ def accuracy_gate(
     per_output = {n: _summary(table, n, policy.for_output(n)) for n in compared}
     reasons = list(shape_problems) + source_nonfinite(reference)
     for name, acc in per_output.items():
+        if f"{name}.{LABEL_AGREE}" in table:
+            tol = policy.for_output(name)
+            if acc.mean_cosine < tol.min_label_agreement:
+                reasons.append(
+                    f"output {name!r}: label agreement {acc.mean_cosine:.4f} < "
+                    f"{tol.min_label_agreement:g} ({acc.failing_samples}/{acc.samples} samples "
+                    f"differ; first: {first_difference(outputs[name], reference[name])})"
+                )
+            continue
         if acc.failing_samples:
             tol = policy.for_output(name)
             bound = (
@@ -318,6 +364,8 @@ def _summaries(
 
 
 def _summary(table: pd.DataFrame, name: str, tol: OutputTolerance) -> OutputAccuracy:
+    if f"{name}.{LABEL_AGREE}" in table:
+        return label_accuracy(table[f"{name}.{LABEL_AGREE}"].to_numpy())
     cos = table[f"{name}.cosine"].to_numpy()
     ok = cos >= tol.min_cosine
     if tol.atol is not None:

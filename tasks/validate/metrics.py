@@ -6,7 +6,8 @@ import numpy as np
 from pydantic import BaseModel
 
 from bladeflow.core.errors import DataError
-from bladeflow.tasks.validate.policy import MetricLimit, MetricName
+from bladeflow.core.policy import MetricLimit, MetricName
+from bladeflow.tasks.validate.labels import as_text, is_text
 
 
 class MetricComparison(BaseModel):
@@ -34,6 +35,7 @@ def task_metric(metric: MetricName, scores: np.ndarray, labels: np.ndarray) -> f
     accuracy / f1 (macro): argmax of a [n, classes] output, or ``score > 0.5`` for one column.
     auc: binary (probability or logit of the positive class: last column) or one-vs-rest.
     spearman: rank correlation of a similarity score ([n] or [n, 1]) with the labels.
+    A string output (predicted class labels) is compared with the labels as is (accuracy, f1).
 
     Raises:
         DataError: labels and outputs do not fit the metric (count, class ids, score shape).
@@ -41,6 +43,13 @@ def task_metric(metric: MetricName, scores: np.ndarray, labels: np.ndarray) -> f
     from scipy.stats import spearmanr
     from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
+    if is_text(scores):
+        return _label_metric(metric, scores, labels)
+    if is_text(labels):
+        raise DataError(
+            f"{metric} needs class ids or scores as labels for a numeric output; the labels are "
+            "text: score the model's string label output instead (metric.output)"
+        )
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(labels).reshape(-1)
     if s.shape[0] != y.shape[0]:
@@ -65,6 +74,24 @@ def task_metric(metric: MetricName, scores: np.ndarray, labels: np.ndarray) -> f
     if metric == "accuracy":
         return float(accuracy_score(y, predicted))
     return float(f1_score(y, predicted, average="macro"))
+
+
+def _label_metric(metric: MetricName, predicted: np.ndarray, labels: np.ndarray) -> float:
+    """accuracy / macro f1 of predicted string labels against the given labels (as text)."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    p = as_text(predicted).astype(np.str_).reshape(-1)
+    y = as_text(np.asarray(labels)).astype(np.str_).reshape(-1)
+    if p.shape[0] != y.shape[0]:
+        raise DataError(f"{y.shape[0]} labels for {p.shape[0]} samples: give one label per sample")
+    if metric == "accuracy":
+        return float(accuracy_score(y, p))
+    if metric == "f1":
+        return float(f1_score(y, p, average="macro"))
+    raise DataError(
+        f"{metric} needs numeric scores, but the scored output holds string labels: score the "
+        "probabilities output instead (metric.output), or use accuracy or f1"
+    )
 
 
 def compare_metric(

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 
 from bladeflow.core.contract import DataRef, ModelArtifact
 from bladeflow.core.errors import DataError
+from bladeflow.core.policy import DataPolicy
 from bladeflow.tasks.validate.checks import check_data
 from bladeflow.tasks.validate.data import (
     DEFAULT_SYNTHETIC_SAMPLES,
@@ -22,7 +23,7 @@ from bladeflow.tasks.validate.data import (
     sample_count,
     synthesize,
 )
-from bladeflow.tasks.validate.policy import DataPolicy
+from bladeflow.tasks.validate.labels import as_text
 from bladeflow.tasks.validate.sources import load_data
 
 
@@ -77,13 +78,9 @@ def prepare_validation_data(
         checks.append(str(gx_path))
         synthetic = False
         if loaded.labels is not None:
-            if np.asarray(loaded.labels).dtype.kind not in "fiub":
-                raise DataError(
-                    f"labels of validation data {data} must be numbers (class ids or scores), "
-                    f"not {np.asarray(loaded.labels).dtype}"
-                )
+            labels = _checked_labels(np.asarray(loaded.labels), data)
             labels_path = str(workdir / "labels.npy")
-            np.save(labels_path, loaded.labels, allow_pickle=False)
+            np.save(labels_path, labels, allow_pickle=False)
         description = f"`{data}`, {sample_count(arrays)} samples" + (
             ", with labels" if loaded.labels is not None else ""
         )
@@ -123,8 +120,23 @@ def read_labels(prepared: PreparedData) -> np.ndarray | None:
         return None
     try:
         return np.load(prepared.labels, allow_pickle=False)
-    except ValueError as exc:  # e.g. string labels saved as object arrays
-        raise DataError(f"labels in {prepared.labels} are not numbers: {exc}") from exc
+    except ValueError as exc:  # e.g. labels saved as object arrays by another tool
+        raise DataError(f"labels in {prepared.labels} are neither numbers nor text: {exc}") from exc
+
+
+def _checked_labels(labels: np.ndarray, origin: str) -> np.ndarray:
+    """Numbers (class ids, scores) as they are; text (class names, for a model whose output is
+    a string label) as ``numpy.str_``, which saves without pickling. Anything else is refused."""
+    if labels.dtype.kind in "fiub":
+        return labels
+    if labels.dtype.kind in "US" or (
+        labels.dtype.kind == "O" and all(isinstance(v, str | bytes) for v in labels.reshape(-1))
+    ):
+        return as_text(labels)
+    raise DataError(
+        f"labels of validation data {origin} must be numbers (class ids or scores) or class "
+        f"names (text), not {labels.dtype}"
+    )
 
 
 def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:

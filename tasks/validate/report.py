@@ -25,6 +25,7 @@ from bladeflow.core.contract import (
 from bladeflow.core.environment import hardware, tool_versions
 from bladeflow.tasks.validate.gate import GateOutcome, StepError
 from bladeflow.tasks.validate.gx import SuiteResult
+from bladeflow.tasks.validate.labels import LABEL_AGREE
 
 SYNTHETIC_WARNING = (
     "> **Accuracy was judged on synthetic inputs** generated from the model signature; they "
@@ -233,6 +234,8 @@ def write_plots(folder: Path, results: RunResults) -> list[Path]:
     for out in outputs:
         col = f"{out}.max_abs_error"
         series = {c: a.table[col].to_numpy() for c, a in outcomes.items() if col in a.table}
+        if not series:  # a label output: agreement, not an error distribution (in the table)
+            continue
         values = np.concatenate(list(series.values()))
         positive = values[values > 0]
         # Log bins shared by all candidates; an error of exactly 0 is drawn at the floor.
@@ -320,10 +323,19 @@ def _accuracy_lines(cand: str, acc: GateOutcome | AccuracyReport) -> list[str]:
             "min cosine": f"{o.min_cosine:.6f}",
             "mean cosine": f"{o.mean_cosine:.6f}",
             "top-1 agreement": "-",
+            "label agreement": "-",
         }
         if isinstance(acc, GateOutcome) and f"{out}.top1_agree" in acc.table:
             row["top-1 agreement"] = f"{acc.table[f'{out}.top1_agree'].mean():.4f}"
+        if isinstance(acc, GateOutcome) and f"{out}.{LABEL_AGREE}" in acc.table:
+            # Labels compare by equality: numeric distances mean nothing for them.
+            row.update({k: "-" for k in ("max abs error", "max rel error", "min cosine")})
+            row["mean cosine"] = "-"
+            row["label agreement"] = f"{acc.table[f'{out}.{LABEL_AGREE}'].mean():.4f}"
         rows.append(row)
+    if all(r["label agreement"] == "-" for r in rows):  # no string outputs: no such column
+        for r in rows:
+            del r["label agreement"]
     lines += [*markdown_table(rows), ""]
     if isinstance(acc, GateOutcome):
         if acc.metric is not None:

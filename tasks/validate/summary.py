@@ -7,10 +7,15 @@ from typing import Any
 
 from bladeflow.core.contract import AccuracyReport, BenchmarkReport, OptimizeResult
 from bladeflow.core.outcome import Status
+from bladeflow.core.stats import interval_text
 
 
 def latency_table(result: OptimizeResult) -> list[dict[str, str]]:
-    """Rows of the reference system's table: batch, source and optimized latency, speedup."""
+    """Rows of the reference system's table: batch, source and optimized latency, speedup.
+
+    The speedup shows its 95% interval over the benchmark's paired rounds beside it
+    (``1.42x [1.30\u20131.55]``); a result without one (an older run) shows the ratio alone.
+    """
     worst_cos = min((a.min_cosine for a in result.accuracy.values()), default=1.0)
     worst_abs = max((a.max_abs_error for a in result.accuracy.values()), default=0.0)
     rows = []
@@ -22,13 +27,22 @@ def latency_table(result: OptimizeResult) -> list[dict[str, str]]:
                 "source p50 ms": f"{src.p50_ms:.3f}",
                 "optimized p50 ms": f"{chosen.p50_ms:.3f}",
                 "optimized p99 ms": f"{chosen.p99_ms:.3f}",
-                "speedup": f"{result.speedup[bs]:.2f}x",
+                SPEEDUP_COLUMN: _speedup_cell(result, bs),
                 "throughput /s": f"{chosen.throughput:.0f}",
                 "max abs err": f"{worst_abs:.2e}",
                 "min cosine": f"{worst_cos:.6f}",
             }
         )
     return rows
+
+
+SPEEDUP_COLUMN = "speedup [lo\u2013hi]"  # ratio and its 95% interval (bladeflow.core.stats)
+
+
+def _speedup_cell(result: OptimizeResult, bs: int) -> str:
+    ratio = f"{result.speedup[bs]:.2f}x"
+    ci = result.speedup_ci.get(bs)
+    return ratio if ci is None else f"{ratio} {interval_text(*ci)}"
 
 
 def render_table(rows: list[dict[str, str]]) -> str:

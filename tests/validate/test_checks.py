@@ -10,8 +10,8 @@ import pytest
 
 from bladeflow.core.contract import ModelArtifact
 from bladeflow.core.errors import DataError
+from bladeflow.core.policy import DataPolicy
 from bladeflow.tasks.validate.checks import check_data
-from bladeflow.tasks.validate.policy import DataPolicy
 from bladeflow.tasks.validate.prepare import prepare_validation_data
 from tests.validate.conftest import TOKEN_SIGNATURE
 

@@ -9,6 +9,12 @@ import numpy as np
 import pytest
 
 from bladeflow.core.contract import Candidate, ModelArtifact, SessionConfig, Tolerance
+from bladeflow.core.policy import (
+    MetricLimit,
+    OutputTolerance,
+    TolerancePolicy,
+    policy_from_tolerance,
+)
 from bladeflow.tasks.validate.accuracy import REFERENCE_SESSION, compare, predict
 from bladeflow.tasks.validate.gate import (
     accuracy_gate,
@@ -17,12 +23,6 @@ from bladeflow.tasks.validate.gate import (
     validate_chain,
 )
 from bladeflow.tasks.validate.metrics import task_metric
-from bladeflow.tasks.validate.policy import (
-    MetricLimit,
-    OutputTolerance,
-    TolerancePolicy,
-    policy_from_tolerance,
-)
 from tests.models import mlp
 from tests.validate.conftest import MLP_SIGNATURE, artifact
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from bladeflow.core.contract import BenchmarkReport, LatencyStats, PassRecord, SessionConfig
+from bladeflow.core.policy import TolerancePolicy
 from bladeflow.tasks.validate.checks import check_data
 from bladeflow.tasks.validate.gate import accuracy_gate
-from bladeflow.tasks.validate.policy import TolerancePolicy
 from bladeflow.tasks.validate.report import (
     SYNTHETIC_WARNING,
     RunResults,
