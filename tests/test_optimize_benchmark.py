@@ -160,3 +160,80 @@ def _artifact() -> ModelArtifact:
         signature=Signature(inputs=[], outputs=[]),
         provenance=Provenance(source="m.onnx"),
     )
+
+
+def test_benchmark_keeps_each_rounds_median_and_adds_rounds_while_undecided(tmp_path: Path) -> None:
+    # setup
+    art = load_onnx_source(models.mlp(tmp_path / "m.onnx"), tmp_path / "a")
+    data = synthesize(art.signature, samples=4)
+    timed = {"a": (art, SessionConfig()), "b": (art, SessionConfig())}
+    asked: list[int] = []
+
+    def undecided(rep: BenchmarkReport) -> int | None:
+        asked.append(len(rep.models["a"][1].round_medians_ms))
+        return 1  # never decided: only the budget and max_rounds stop it
+
+    settings = BenchmarkSettings(warmup=1, rounds=3, iterations=3, extra_seconds=30, max_rounds=6)
+    # execute
+    plain = benchmark(timed, data, [1, 4], BenchmarkSettings(warmup=1, rounds=3, iterations=3))
+    extended = benchmark(timed, data, [1, 4], settings, more=undecided)
+    # assert
+    for per in plain.models.values():
+        assert all(len(s.round_medians_ms) == 3 for s in per.values())
+    assert asked == [3, 4, 5, 6]
+    assert len(extended.models["b"][1].round_medians_ms) == 6
+    assert len(extended.models["b"][4].round_medians_ms) == 3  # only the undecided batch grew
+
+
+def test_a_a_real_timing_is_no_significant_difference(tmp_path: Path) -> None:
+    # setup: the same ONNX model under two labels, timed through the real benchmark. At 95% an
+    # A/A run comes out "different" 5% of the time by design, so the test asks 99.9%: with the
+    # rounds interleaved and their order rotated, drift (which is large here) cancels.
+    from bladeflow.core.stats import Verdict, paired_speedup
+
+    art = load_onnx_source(models.mlp(tmp_path / "m.onnx"), tmp_path / "a")
+    data = synthesize(art.signature, samples=4)
+    session = SessionConfig(intra_op_num_threads=1, allow_spinning=False)
+    # execute
+    rep = benchmark(
+        {"a": (art, session), "a_again": (art, session)},
+        data,
+        [1],
+        BenchmarkSettings(warmup=3, rounds=10, iterations=15),
+    )
+    a, b = rep.models["a"][1], rep.models["a_again"][1]
+    sp = paired_speedup(a.round_medians_ms, b.round_medians_ms, confidence=0.999)
+    # assert
+    assert sp.verdict is Verdict.TIE, sp.text()
+    assert 0.5 < sp.lo <= sp.hi < 2.0, sp.text()  # decides something: not an endless interval
+
+
+def test_latency_table_shows_the_interval_beside_the_speedup() -> None:
+    # setup
+    from bladeflow.core.contract import OptimizeResult
+    from bladeflow.tasks.validate.summary import SPEEDUP_COLUMN, latency_table
+
+    stats = {1: _stats(1, 10.0), 8: _stats(8, 40.0)}
+    result = OptimizeResult(
+        name="m",
+        version="1",
+        model_uri="models:/m/1",
+        run_id="r",
+        candidate="c",
+        recipe=[],
+        session=SessionConfig(),
+        accuracy={},
+        latency_ms={"source": stats, "chosen": stats},
+        throughput={},
+        speedup={1: 1.42, 8: 1.0},
+        speedup_ci={1: (1.301, 1.553)},
+        synthetic_data=False,
+        stages=[],
+    )
+    # execute
+    rows = latency_table(result)
+    # assert
+    assert SPEEDUP_COLUMN == "speedup [lo\u2013hi]"
+    assert rows[0][SPEEDUP_COLUMN] == "1.42x [1.30\u20131.55]"
+    assert rows[1][SPEEDUP_COLUMN] == "1.00x"  # no interval recorded: the ratio alone
+    assert OptimizeResult.model_validate_json(result.model_dump_json()).speedup_ci[1][0] == 1.301

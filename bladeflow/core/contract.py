@@ -179,6 +179,11 @@ class LatencyStats(BaseModel):
     mean_ms: float
     throughput: float = Field(description="samples per second at this batch size (from p50)")
     iterations: int
+    round_medians_ms: list[float] = Field(
+        default_factory=list,
+        description="median latency in each interleaved round, in round order: paired by round "
+        "with the other models' for a speedup interval (bladeflow.core.stats)",
+    )
 
 
 class BenchmarkReport(BaseModel):
@@ -190,34 +195,63 @@ class BenchmarkReport(BaseModel):
         default_factory=dict, description="input shapes at batch 1"
     )
 
+    def speedup_ci(self, new: str, old: str) -> dict[int, tuple[float, float]]:
+        """Batch size -> 95% interval of ``old/new`` latency over the paired rounds.
+
+        Only batch sizes with at least two paired rounds (a finite interval, so the JSON of
+        ``OptimizeResult.speedup_ci`` round-trips); e.g. ``bench.speedup_ci(chosen, "source")``.
+        """
+        from bladeflow.core.stats import paired_speedup
+
+        out: dict[int, tuple[float, float]] = {}
+        for bs, mine in self.models.get(new, {}).items():
+            base = self.models.get(old, {}).get(bs)
+            a, b = mine.round_medians_ms, base.round_medians_ms if base else []
+            if len(a) >= 2 and len(a) == len(b):
+                sp = paired_speedup(a, b)
+                out[bs] = (round(sp.lo, 4), round(sp.hi, 4))
+        return out
+
     def slower_than(
         self, name: str, reference: str, margin: float = 0.10, skip: Sequence[int] = ()
     ) -> str | None:
-        """Why ``name`` is more than ``margin`` slower than ``reference`` at some batch size.
+        """Why ``name`` is significantly slower than ``reference`` at some batch size.
 
         None when it is not (or either was not measured). Used so that the chosen model is never
         slower than the unoptimized one at any batch size the run measured, not only at the
         objective's: e.g. int8 kernels that win at batch 1 can lose at batch 32. ``skip``: batch
-        sizes not judged (the objective's, where the selection itself compares them). The 10%
-        default margin keeps one noisy round on a shared machine from deciding.
+        sizes not judged (the objective's, where the selection itself compares them).
+
+        With per-round medians (every report the benchmark writes) the verdict is the paired
+        interval's (``bladeflow.core.stats``, 95%): slower only when the whole interval is below
+        1. ``margin`` is used only for reports without rounds (older runs): ratio > 1 + margin.
         """
+        from bladeflow.core.stats import Verdict, paired_speedup
+
         mine, ref = self.models.get(name, {}), self.models.get(reference, {})
-        worst: tuple[float, int] | None = None
+        worst: tuple[float, int, str] | None = None
         for bs, stats in mine.items():
-            if bs in skip:
-                continue
             base = ref.get(bs)
-            if base is None or base.p50_ms <= 0:
+            if bs in skip or base is None or base.p50_ms <= 0 or stats.p50_ms <= 0:
                 continue
-            ratio = stats.p50_ms / base.p50_ms
-            if ratio > 1.0 + margin and (worst is None or ratio > worst[0]):
-                worst = (ratio, bs)
-        if worst is None:
-            return None
-        return (
-            f"{worst[0]:.2f}x the p50 latency of {reference!r} at batch {worst[1]} "
-            f"(more than {margin:.0%} slower)"
-        )
+            rounds = len(stats.round_medians_ms)
+            if rounds >= 2 and rounds == len(base.round_medians_ms):
+                sp = paired_speedup(stats.round_medians_ms, base.round_medians_ms)
+                if sp.verdict is Verdict.SLOWER and (worst is None or sp.estimate < worst[0]):
+                    why = (
+                        f"speed {sp.text()} relative to {reference!r} at batch {bs} "
+                        f"(significantly slower at {sp.confidence:.0%})"
+                    )
+                    worst = (sp.estimate, bs, why)
+                continue
+            speed = base.p50_ms / stats.p50_ms
+            if speed < 1.0 / (1.0 + margin) and (worst is None or speed < worst[0]):
+                why = (
+                    f"{1 / speed:.2f}x the p50 latency of {reference!r} at batch {bs} "
+                    f"(more than {margin:.0%} slower)"
+                )
+                worst = (speed, bs, why)
+        return None if worst is None else worst[2]
 
 
 StageStatus = Status  # the one status vocabulary (bladeflow.core.outcome), under its old name
@@ -251,6 +285,10 @@ class OptimizeResult(BaseModel):
     )
     throughput: dict[str, dict[int, float]]
     speedup: dict[int, float] = Field(description="batch size -> source p50 / chosen p50")
+    speedup_ci: dict[int, tuple[float, float]] = Field(
+        default_factory=dict,
+        description="batch size -> 95% interval of source/chosen latency over paired rounds",
+    )
     source_runtime: str = Field("", description="what ran the source in the benchmark")
     synthetic_data: bool
     stages: list[StageResult]
@@ -262,4 +300,7 @@ class OptimizeResult(BaseModel):
     incumbent_version: str | None = Field(None, description="the version it had to beat")
     incumbent_speedup: float | None = Field(
         None, description="incumbent / chosen at the objective (same interleaved benchmark)"
+    )
+    incumbent_speedup_ci: tuple[float, float] | None = Field(
+        None, description="95% interval of incumbent_speedup; registered only if low >= min"
     )

@@ -2,7 +2,14 @@
 
 These machines are shared and noisy: timing model A fully and then model B lets a burst of other
 load land on one of them. So every round runs every model once per batch size (A B A B ...), each
-model's timings are pooled over the rounds, and medians are reported.
+model's timings are pooled over the rounds, and medians are reported. Each model's median in each
+round is kept too (``LatencyStats.round_medians_ms``): paired by round, they give a speedup with a
+confidence interval (``bladeflow.core.stats``). The order of the models rotates from round to round
+so that no model always runs right after the same neighbour (spinning threads slow the next one).
+
+When a decision is still undecided after the planned rounds (its interval straddles the threshold),
+``more`` names the batch size that needs more rounds, and rounds are added there until it is
+decided or ``extra_seconds`` is spent.
 """
 
 from __future__ import annotations
@@ -27,6 +34,12 @@ class BenchmarkSettings:
     rounds: int = 5
     iterations: int = 20  # per model, per batch size, per round
     max_seconds: float = 10.0  # per model and batch size, across rounds: caps big models
+    extra_seconds: float = 0.0  # budget for rounds added while `more` says undecided (0: none)
+    max_rounds: int = 50  # at most this many rounds per batch size, extra ones included
+
+
+MoreRounds = Callable[[BenchmarkReport], int | None]
+"""Given the report so far: the batch size that needs more rounds to decide, or None."""
 
 
 def benchmark(
@@ -36,6 +49,7 @@ def benchmark(
     settings: BenchmarkSettings = BenchmarkSettings(),
     progress: Callable[[str], None] | None = None,
     runners: Mapping[str, Callable[[Dataset], Any]] | None = None,
+    more: MoreRounds | None = None,
 ) -> BenchmarkReport:
     """Time each model at each batch size on batches drawn from ``data``.
 
@@ -47,6 +61,8 @@ def benchmark(
         progress: Called with a line of text as each batch size starts.
         runners: Extra label -> callable(feeds) timed alongside, e.g. the source framework's
             eager model, so the report shows source-framework vs optimized latency.
+        more: Asked after the planned rounds (and after each added one) which batch size still
+            needs rounds to decide; see ``bladeflow.tasks.benchmark.select.more_rounds``.
     """
     first = next(iter(models.values()))[0]
     fixed = fixed_batch(first.signature)
@@ -63,7 +79,8 @@ def benchmark(
     calls: dict[str, Callable[[Dataset], Any]] = dict(runners or {})
     for label, (artifact, cfg) in models.items():
         calls[label] = _session_call(artifact, cfg)
-    timings: dict[str, dict[int, list[float]]] = {label: {} for label in calls}
+    timings: dict[str, dict[int, list[list[float]]]] = {label: {} for label in calls}
+    budget = settings.max_seconds / max(settings.rounds, 1)
     for bs in sizes:
         if progress:
             progress(f"benchmark: batch size {bs}, {len(calls)} models interleaved")
@@ -72,24 +89,55 @@ def benchmark(
             for _ in range(settings.warmup):
                 call(feeds)
             timings[label][bs] = []
-        budget = settings.max_seconds / max(settings.rounds, 1)
         for _ in range(settings.rounds):
-            for label, call in calls.items():
-                round_start = time.perf_counter()
-                for _ in range(settings.iterations):
-                    t0 = time.perf_counter()
-                    call(feeds)
-                    t1 = time.perf_counter()
-                    timings[label][bs].append((t1 - t0) * 1000.0)
-                    if t1 - round_start > budget:
-                        break
-    return BenchmarkReport(
-        models={
-            label: {bs: _stats(bs, ts) for bs, ts in per.items()} for label, per in timings.items()
-        },
-        skipped_batch_sizes=skipped,
-        shapes={k: list(v.shape[1:]) for k, v in data.items()},
-    )
+            _round(calls, feeds, bs, timings, settings.iterations, budget)
+
+    def report() -> BenchmarkReport:
+        return BenchmarkReport(
+            models={
+                label: {bs: _stats(bs, rounds) for bs, rounds in per.items()}
+                for label, per in timings.items()
+            },
+            skipped_batch_sizes=skipped,
+            shapes={k: list(v.shape[1:]) for k, v in data.items()},
+        )
+
+    deadline = time.perf_counter() + settings.extra_seconds
+    while more is not None and settings.extra_seconds > 0 and time.perf_counter() < deadline:
+        bs_more = more(report())
+        if bs_more is None or bs_more not in sizes:
+            break
+        done = len(next(iter(timings.values()))[bs_more])
+        if done >= settings.max_rounds:
+            break
+        if progress:
+            progress(f"benchmark: undecided at batch size {bs_more}, adding round {done + 1}")
+        _round(calls, tile(data, bs_more), bs_more, timings, settings.iterations, budget)
+    return report()
+
+
+def _round(
+    calls: dict[str, Callable[[Dataset], Any]],
+    feeds: Dataset,
+    bs: int,
+    timings: dict[str, dict[int, list[list[float]]]],
+    iterations: int,
+    budget: float,
+) -> None:
+    """One round at batch ``bs``: every model once, in an order rotated by the round number."""
+    labels = list(calls)
+    shift = len(next(iter(timings.values()))[bs]) % len(labels)
+    for label in labels[shift:] + labels[:shift]:
+        call, times = calls[label], []
+        round_start = time.perf_counter()
+        for _ in range(iterations):
+            t0 = time.perf_counter()
+            call(feeds)
+            t1 = time.perf_counter()
+            times.append((t1 - t0) * 1000.0)
+            if t1 - round_start > budget:
+                break
+        timings[label][bs].append(times)
 
 
 def _session_call(artifact: ModelArtifact, config: SessionConfig) -> Callable[[Dataset], Any]:
@@ -98,8 +146,8 @@ def _session_call(artifact: ModelArtifact, config: SessionConfig) -> Callable[[D
     return lambda feeds: session.run(names, feeds)
 
 
-def _stats(batch_size: int, ms: list[float]) -> LatencyStats:
-    arr = np.asarray(ms)
+def _stats(batch_size: int, rounds: list[list[float]]) -> LatencyStats:
+    arr = np.asarray([t for r in rounds for t in r])
     p50, p90, p99 = np.percentile(arr, [50, 90, 99])
     return LatencyStats(
         batch_size=batch_size,
@@ -108,5 +156,6 @@ def _stats(batch_size: int, ms: list[float]) -> LatencyStats:
         p99_ms=float(p99),
         mean_ms=float(arr.mean()),
         throughput=float(batch_size * 1000.0 / p50) if p50 > 0 else 0.0,
-        iterations=len(ms),
+        iterations=len(arr),
+        round_medians_ms=[float(np.median(r)) for r in rounds],
     )

@@ -2,48 +2,102 @@
 
 The optimize flow hands over the benchmark report and gets back a decision with its reason; the
 rules live here, in one place, so the nightly flow, ``--must-beat`` and the candidate table agree.
+Every comparison is a speedup with its interval over the benchmark's paired rounds
+(``bladeflow.core.stats``), never one ratio of medians: on a shared machine a 6% "win" is noise.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from pydantic import BaseModel
 
-from bladeflow.core.contract import BenchmarkReport, Candidate
+from bladeflow.core.contract import BenchmarkReport, Candidate, PassRecord
 from bladeflow.core.params import Objective
+from bladeflow.core.stats import Speedup, Verdict, paired_speedup
 
 BASELINE = "baseline"  # the unoptimized candidate: always eligible
 
+# Simplicity, for breaking ties: reduced precision and custom ops are kept only when they win.
+_PRECISION_RANK = {"fp16": 1, "mixed_precision": 1, "int8_dynamic": 2, "int8_static": 2}
+_CUSTOM_OPS = {"transformer_fusion", "tensorrt"}  # com.microsoft contrib ops, TensorRT engines
+
 
 class Judgement(BaseModel):
-    """Whether the chosen candidate beats the incumbent by ``min_speedup``, and why."""
+    """Whether the chosen candidate beats the incumbent by ``min_speedup``, and why.
+
+    ``improved`` only when the interval's low end is at least ``min_speedup``.
+    """
 
     speedup: float
     improved: bool
     reason: str
+    ci: tuple[float, float] = (0.0, float("inf"))
+    verdict: Verdict = Verdict.TIE
+    rounds: int = 0
+
+
+def speedup_at(bench: BenchmarkReport, new: str, old: str, batch: int) -> Speedup:
+    """``old/new`` latency at ``batch`` with its interval over the paired rounds.
+
+    Throughput is batch / latency, so the same ratio serves both objectives. A report without
+    per-round medians (an older run, an older remote worker) gives the plain ratio of medians as
+    a zero-width interval: the decision falls back to the point estimate, as before intervals.
+    """
+    a, b = bench.models[new][batch], bench.models[old][batch]
+    if len(a.round_medians_ms) == len(b.round_medians_ms) and a.round_medians_ms:
+        return paired_speedup(a.round_medians_ms, b.round_medians_ms)
+    ratio = b.p50_ms / a.p50_ms if a.p50_ms else 0.0
+    return Speedup(ratio, ratio, ratio, 0)
+
+
+def simplicity(c: Candidate) -> tuple[int, int, int]:
+    """Sort key, simplest first: fewer passes, then fp32 over fp16 over int8, then no custom ops."""
+    return (
+        len(c.recipe),
+        max((_PRECISION_RANK.get(p.name, 0) for p in c.recipe), default=0),
+        sum(_custom_ops(p) for p in c.recipe),
+    )
+
+
+def _custom_ops(p: PassRecord) -> int:
+    return int(p.name in _CUSTOM_OPS)
 
 
 def select_candidate(
     passing: list[Candidate], bench: BenchmarkReport, objective: Objective
 ) -> Candidate:
-    """The best passing candidate on the objective; ties go to the earlier (simpler) recipe.
+    """The simplest passing candidate not significantly slower than the fastest one.
 
-    Candidates more than 10% slower than the unoptimized baseline at another measured batch size
+    The fastest is the one with the best point estimate on the objective; every eligible candidate
+    whose paired interval against it includes 1 is a tie, and ties go to the simplest recipe
+    (``simplicity``, then the earlier candidate), so the result is the same from run to run.
+    Candidates significantly slower than the unoptimized baseline at another measured batch size
     are not eligible (the baseline itself always is), so the choice never regresses a batch size
     the user asked to measure for a win at the objective's.
     """
+    eligible = [c for c in passing if not_eligible_reason(bench, c.name, objective) is None]
+    pool = eligible or passing
+    batch = _batch(bench, pool[0].name, objective)
 
     def score(c: Candidate) -> float:
         stats = objective.stats(bench, c.name)
         return stats.p50_ms if objective.kind == "latency" else -stats.throughput
 
-    eligible = [
-        c for c in passing if not bench.slower_than(c.name, BASELINE, skip=[objective.batch])
+    fastest = min(pool, key=score)
+    ties = [
+        c
+        for c in pool
+        if c is fastest or speedup_at(bench, c.name, fastest.name, batch).verdict is Verdict.TIE
     ]
-    return min(eligible or passing, key=score)
+    order = {c.name: i for i, c in enumerate(pool)}
+    return min(ties, key=lambda c: (*simplicity(c), order[c.name]))
 
 
 def not_eligible_reason(bench: BenchmarkReport, name: str, objective: Objective) -> str | None:
     """Why a passing candidate was excluded by the batch-size guard, or None."""
+    if name == BASELINE:
+        return None
     return bench.slower_than(name, BASELINE, skip=[objective.batch])
 
 
@@ -55,11 +109,66 @@ def judge_incumbent(
     objective: Objective,
     min_speedup: float,
 ) -> Judgement:
-    """Speedup of ``chosen`` over the incumbent timed in the same run, against ``min_speedup``."""
-    speedup = objective.speedup(bench, chosen, incumbent_label)
-    improved = speedup >= min_speedup
+    """Speedup of ``chosen`` over the incumbent timed in the same run, against ``min_speedup``.
+
+    Improved only when the low end of the interval is at least ``min_speedup``; otherwise the
+    reason carries the interval, so a 6% difference on a machine with more noise than that is
+    not a new version.
+    """
+    sp = speedup_at(bench, chosen, incumbent_label, _batch(bench, chosen, objective))
+    improved = sp.at_least(min_speedup)
+    where = f"{objective.kind}@{objective.batch}"
     reason = (
-        f"{chosen} is x{speedup:.2f} v{incumbent_version} at {objective.kind}@{objective.batch}"
-        + ("" if improved else f", below min_speedup {min_speedup}: nothing registered")
+        f"{chosen} is {sp.text()} v{incumbent_version} at {where} "
+        f"({sp.confidence:.0%} interval over {sp.rounds} paired rounds)"
     )
-    return Judgement(speedup=speedup, improved=improved, reason=reason)
+    if not improved:
+        reason += (
+            f", low end below min_speedup {min_speedup}: nothing registered"
+            if sp.lo < min_speedup <= sp.hi
+            else f", below min_speedup {min_speedup}: nothing registered"
+        )
+    return Judgement(
+        speedup=sp.estimate,
+        improved=improved,
+        reason=reason,
+        ci=sp.ci,
+        verdict=sp.verdict,
+        rounds=sp.rounds,
+    )
+
+
+def more_rounds(
+    passing: list[Candidate],
+    objective: Objective,
+    incumbent_label: str | None = None,
+    min_speedup: float = 1.0,
+) -> Callable[[BenchmarkReport], int | None]:
+    """For ``benchmark(more=...)``: the objective's batch while the decision is undecided.
+
+    Undecided: with an incumbent, the chosen candidate's interval against it straddles
+    ``min_speedup``; without one, the fastest candidate's interval against the baseline straddles
+    1 (an optimization that may be noise). More rounds narrow the interval; the benchmark stops
+    adding them at its ``extra_seconds`` budget.
+    """
+
+    def more(bench: BenchmarkReport) -> int | None:
+        timed = [c for c in passing if c.name in bench.models]
+        if not timed:
+            return None
+        chosen = select_candidate(timed, bench, objective)
+        batch = _batch(bench, chosen.name, objective)
+        if incumbent_label is not None and incumbent_label in bench.models:
+            sp = speedup_at(bench, chosen.name, incumbent_label, batch)
+            return None if sp.decided(min_speedup) else batch
+        if chosen.name == BASELINE or BASELINE not in bench.models:
+            return None
+        return None if speedup_at(bench, chosen.name, BASELINE, batch).decided() else batch
+
+    return more
+
+
+def _batch(bench: BenchmarkReport, name: str, objective: Objective) -> int:
+    """The objective's batch size (the smallest measured one if absent), as Objective.stats."""
+    per = bench.models[name]
+    return objective.batch if objective.batch in per else min(per)

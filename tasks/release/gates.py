@@ -5,6 +5,12 @@ The new version is compared with the champion over the same window: 5xx share, p
 mirrored requests (role ``shadow``); in a weighted stage it answers real ones (role ``canary``).
 When the champion got too little traffic in this window (the 100% stage), the champion's numbers
 from an earlier stage are the reference.
+
+p99 is compared with intervals, not single numbers: each version's p99 gets a 95% order-statistic
+interval from its scraped histogram (``bladeflow.core.stats.quantile_interval``; the bucket counts
+are the whole sample, so no repeated scrapes are needed). The gate fails only when the canary's p99
+is above the allowance even at the favourable ends (canary low vs champion high), holds when it is
+below at the unfavourable ends, and otherwise waits for more traffic, like too few samples.
 """
 
 from __future__ import annotations
@@ -14,8 +20,9 @@ from enum import StrEnum
 
 from pydantic import BaseModel, Field
 
+from bladeflow.core.release_plan import GatePolicy, StagePlan
+from bladeflow.core.stats import CONFIDENCE, quantile_interval
 from bladeflow.tasks.release.metrics import Key, RoleStats, agreement, role_stats
-from bladeflow.tasks.release.plan import GatePolicy, StagePlan
 
 
 class Decision(StrEnum):
@@ -25,13 +32,19 @@ class Decision(StrEnum):
 
 
 class GateResult(BaseModel):
-    """One gate: its value, the threshold it was held to and whether it held."""
+    """One gate: its value, the threshold it was held to and whether it held.
+
+    ``undecided``: the gate holds so far, but its interval still straddles the threshold (the
+    stage waits for more traffic).
+    """
 
     name: str
     passed: bool
     value: float | None
     threshold: float | None
     detail: str = ""
+    interval: tuple[float, float] | None = None
+    undecided: bool = False
 
 
 class Verdict(BaseModel):
@@ -120,6 +133,15 @@ def judge(
             gates=gates,
             metrics=metrics,
         )
+    undecided = [g for g in gates if g.undecided]
+    if latency_ready and undecided:
+        metrics["enough_traffic"] = 0.0  # at max_duration: the plan's on_insufficient_traffic
+        return Verdict(
+            decision=Decision.WAIT,
+            reason="; ".join(g.detail for g in undecided),
+            gates=gates,
+            metrics=metrics,
+        )
     if not latency_ready:
         metrics["enough_traffic"] = 0.0
         return Verdict(
@@ -172,21 +194,10 @@ def _gates(
             f"{base_rej:.2%} + {policy.max_rejected_rate_delta:.2%})",
         )
     )
-    p99 = canary.quantile(0.99)
-    champion_p99 = champion.quantile(0.99) if champion is not None else None
-    if latency_ready and p99 is not None and champion_p99 is not None:
-        limit = champion_p99 * (1 + policy.p99_epsilon) + policy.p99_slack_ms / 1000
-        gates.append(
-            GateResult(
-                name="p99_latency",
-                passed=p99 <= limit,
-                value=p99,
-                threshold=limit,
-                detail=f"p99 {p99 * 1000:.1f} ms (limit {limit * 1000:.1f} ms: champion "
-                f"{champion_p99 * 1000:.1f} ms x {1 + policy.p99_epsilon:g} + "
-                f"{policy.p99_slack_ms:g} ms)",
-            )
-        )
+    if latency_ready and champion is not None:
+        gate = p99_gate(canary, champion, policy)
+        if gate is not None:
+            gates.append(gate)
     if stage.shadow_share > 0:
         if compared:
             share = agree / compared
@@ -211,3 +222,46 @@ def _gates(
                 )
             )
     return gates
+
+
+def p99_gate(canary: RoleStats, champion: RoleStats, policy: GatePolicy) -> GateResult | None:
+    """Canary p99 vs champion p99 x (1 + epsilon) + slack, each p99 with its 95% interval.
+
+    Fails when the canary's low end is above the allowance from the champion's high end;
+    undecided (holds, but the stage waits) when the canary's high end is above the allowance from
+    the champion's low end. None when either has no latency samples.
+    """
+    c_ci = quantile_interval(canary.buckets, 0.99)
+    h_ci = quantile_interval(champion.buckets, 0.99)
+    p99, champion_p99 = canary.quantile(0.99), champion.quantile(0.99)
+    if c_ci is None or h_ci is None or p99 is None or champion_p99 is None:
+        return None
+
+    def allowance(champion_s: float) -> float:
+        return champion_s * (1 + policy.p99_epsilon) + policy.p99_slack_ms / 1000
+
+    failed = c_ci[0] > allowance(h_ci[1])
+    undecided = not failed and c_ci[1] > allowance(h_ci[0])
+    verdict = (
+        "significantly over the limit"
+        if failed
+        else "undecided, waiting for more samples"
+        if undecided
+        else "within the limit"
+    )
+    return GateResult(
+        name="p99_latency",
+        passed=not failed,
+        value=p99,
+        threshold=allowance(champion_p99),
+        interval=c_ci,
+        undecided=undecided,
+        detail=f"p99 {p99 * 1000:.1f} ms {_ms(c_ci)} vs limit "
+        f"{allowance(champion_p99) * 1000:.1f} ms {_ms((allowance(h_ci[0]), allowance(h_ci[1])))} "
+        f"(champion {champion_p99 * 1000:.1f} ms {_ms(h_ci)} x {1 + policy.p99_epsilon:g} + "
+        f"{policy.p99_slack_ms:g} ms; {CONFIDENCE:.0%} intervals): {verdict}",
+    )
+
+
+def _ms(ci: tuple[float, float]) -> str:
+    return f"[{ci[0] * 1000:.1f}\u2013{ci[1] * 1000:.1f}]"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from bladeflow.core.release_plan import GatePolicy, ReleasePlan, StagePlan, load_plan
 from bladeflow.serving.metrics import Metrics
 from bladeflow.tasks.release import metrics
 from bladeflow.tasks.release.gates import Decision, champion_reference, judge
-from bladeflow.tasks.release.plan import GatePolicy, ReleasePlan, StagePlan, load_plan
 
 MODEL = "m"
 CANARY_STAGE = StagePlan(
@@ -195,3 +195,31 @@ def test_p99_is_not_judged_on_too_few_latency_samples():
     # assert
     assert v.decision == Decision.WAIT and "30 of 100 latency samples" in v.reason
     assert not v.enough_traffic
+
+
+def test_p99_over_the_limit_by_a_few_slow_requests_waits_instead_of_failing():
+    # setup: 3 of 100 canary requests slow: p99 is over the limit, but on 100 samples its
+    # interval reaches well below it (the old single-number gate failed this stage)
+    m = Metrics()
+    before = m.render().decode()
+    traffic(m, "1", "champion", 300)
+    traffic(m, "2", "canary", 97)
+    traffic(m, "2", "canary", 3, seconds=0.009)
+    w = window(before, m.render().decode())
+    # execute
+    v = judge(w, CANARY_STAGE, GatePolicy(), "2", champion_reference(w, "1", 100), 30)
+    # assert
+    gate = next(g for g in v.gates if g.name == "p99_latency")
+    assert v.decision == Decision.WAIT and "undecided" in v.reason, v.reason
+    assert gate.value is not None and gate.threshold is not None and gate.value > gate.threshold
+    assert gate.interval is not None and gate.interval[0] < gate.threshold < gate.interval[1]
+    assert not v.enough_traffic  # at max_duration the plan's on_insufficient_traffic decides
+    # setup: 30x more traffic with the same 3% slow: now significantly over the limit
+    traffic(m, "1", "champion", 3000)
+    traffic(m, "2", "canary", 2900)
+    traffic(m, "2", "canary", 90, seconds=0.009)
+    w = window(before, m.render().decode())
+    # execute
+    v = judge(w, CANARY_STAGE, GatePolicy(), "2", champion_reference(w, "1", 100), 30)
+    # assert
+    assert v.decision == Decision.FAIL and "significantly over the limit" in v.reason, v.reason
