@@ -52,6 +52,7 @@ class ModelCheck(BaseModel):
     current_version: str | None = None
     new_version: str | None = None
     speedup: float | None = None
+    speedup_ci: tuple[float, float] | None = None  # 95% interval, paired by benchmark round
     key: str | None = None
     released: bool = False
 
@@ -191,6 +192,7 @@ def check_model(settings: Settings, name: str, params: NightlyParams) -> ModelCh
         return ModelCheck(**base, outcome=Outcome.FAILED, reason=str(exc))
     keep = result.outcome == Outcome.REGISTERED
     speedup = result.incumbent_speedup or 0.0
+    lo, hi = result.incumbent_speedup_ci or (0.0, float("inf"))
     if keep:
         tag_kept_task(settings, plan, result.version)
     record_key_task(settings, plan)
@@ -199,12 +201,22 @@ def check_model(settings: Settings, name: str, params: NightlyParams) -> ModelCh
         outcome=Outcome.IMPROVED if keep else Outcome.NOT_IMPROVED,
         new_version=result.version if keep else None,
         speedup=round(speedup, 3),
-        reason=f"changed: {changed}; x{speedup:.2f} vs v{plan.current_version} "
-        f"({'>=' if keep else '<'} {params.min_speedup})",
+        speedup_ci=result.incumbent_speedup_ci,
+        reason=f"changed: {changed}; x{speedup:.2f} [{lo:.2f}-{hi:.2f}] vs "
+        f"v{plan.current_version} (low end {'>=' if keep else '<'} {params.min_speedup})",
     )
     if keep and params.release:
         check.released = _release(params.release_deployment, name, result.version)
     return check
+
+
+def _speedup(check: ModelCheck) -> str:
+    if check.speedup is None:
+        return ""
+    if check.speedup_ci is None:
+        return f"x{check.speedup:.2f}"
+    lo, hi = check.speedup_ci
+    return f"x{check.speedup:.2f} [{lo:.2f}-{hi:.2f}]"
 
 
 def summary_markdown(checks: list[ModelCheck]) -> str:
@@ -221,7 +233,7 @@ def summary_markdown(checks: list[ModelCheck]) -> str:
     for c in checks:
         lines.append(
             f"| {c.name} | {c.outcome.value} | {c.current_version or ''} | {c.new_version or ''} "
-            f"| {'' if c.speedup is None else f'x{c.speedup:.2f}'} | {'yes' if c.released else ''} "
+            f"| {_speedup(c)} | {'yes' if c.released else ''} "
             f"| {c.reason.replace('|', '/')[:300]} |"
         )
     if not checks:

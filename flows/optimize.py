@@ -73,7 +73,9 @@ def optimize_flow(params: OptimizeParams) -> OptimizeResult:
     for check in prepared.checks:  # the data checks' GX results go to MLflow with the report
         shutil.copy(check, reports / "gx" / Path(check).name)
     policy = params.effective_policy()
-    plan = plan_recipes(params.preset, params.passes, op_types=graph_op_types(model.path))
+    plan = plan_recipes(
+        params.preset, params.passes, op_types=graph_op_types(model.path), model=model
+    )
     run_id = s.start_run_task(
         settings, params.name, run_params(params, policy, plan, model, prepared)
     )
@@ -125,8 +127,14 @@ def optimize_flow(params: OptimizeParams) -> OptimizeResult:
                 timed[INCUMBENT] = s.incumbent_task(
                     settings, params.name, incumbent, run_dir / INCUMBENT
                 )
+            decide = s.Decision(
+                passing=passing,
+                objective=objective,
+                incumbent=INCUMBENT if incumbent else None,
+                min_speedup=params.min_speedup,
+            )
             bench, source_runtime, dropped = benchmark_all(
-                settings, run_id, params, model, timed, prepared.data, batch_sizes, run_dir
+                settings, run_id, params, model, timed, prepared.data, batch_sizes, run_dir, decide
             )
             for name, why in dropped.items():
                 accuracy[name] = accuracy[name].model_copy(
@@ -163,11 +171,18 @@ def optimize_flow(params: OptimizeParams) -> OptimizeResult:
             verdict = judge_incumbent(
                 bench, chosen.name, INCUMBENT, incumbent, objective, params.min_speedup
             )
-            reg.log_metrics(settings, run_id, {"speedup_vs_incumbent": verdict.speedup})
+            lo, hi = verdict.ci
+            reg.log_metrics(
+                settings,
+                run_id,
+                {"speedup_vs_incumbent": verdict.speedup, "speedup_vs_incumbent_lo": lo}
+                | ({"speedup_vs_incumbent_hi": hi} if hi != float("inf") else {}),
+            )
             result = result.model_copy(
                 update={
                     "incumbent_version": incumbent,
                     "incumbent_speedup": round(verdict.speedup, 3),
+                    "incumbent_speedup_ci": verdict.ci,
                 }
             )
             if not verdict.improved:

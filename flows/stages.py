@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from prefect import get_run_logger, task
+from pydantic import BaseModel
 
 from bladeflow.core import registry
 from bladeflow.core.contract import (
@@ -23,10 +24,12 @@ from bladeflow.core.contract import (
     SessionConfig,
 )
 from bladeflow.core.errors import UserInputError
-from bladeflow.core.params import BenchParams, OptimizeParams
+from bladeflow.core.params import BenchParams, Objective, OptimizeParams
+from bladeflow.core.policy import DataPolicy, TolerancePolicy
 from bladeflow.core.settings import Settings
 from bladeflow.tasks.benchmark.incumbent import download_version
-from bladeflow.tasks.benchmark.latency import BenchmarkSettings, benchmark
+from bladeflow.tasks.benchmark.latency import BenchmarkSettings, MoreRounds, benchmark
+from bladeflow.tasks.benchmark.select import more_rounds
 from bladeflow.tasks.convert.dispatch import (
     ConvertOptions,
     convert_source,
@@ -41,7 +44,6 @@ from bladeflow.tasks.register.run_report import SOURCE
 from bladeflow.tasks.validate.accuracy import REFERENCE_SESSION, predict
 from bladeflow.tasks.validate.data import fixed_batch
 from bladeflow.tasks.validate.gate import GateOutcome, accuracy_gate
-from bladeflow.tasks.validate.policy import DataPolicy, TolerancePolicy
 from bladeflow.tasks.validate.prepare import (
     PreparedData,
     prepare_validation_data,
@@ -52,6 +54,19 @@ from bladeflow.tasks.validate.prepare import (
 Timed = dict[str, tuple[ModelArtifact, SessionConfig]]
 
 
+class Decision(BaseModel):
+    """The timing decision the benchmark must make significant: which candidate wins (and, with
+    an incumbent, whether it beats it by ``min_speedup``)."""
+
+    passing: list[Candidate]
+    objective: Objective
+    incumbent: str | None = None
+    min_speedup: float = 1.0
+
+    def more_rounds(self) -> MoreRounds:
+        return more_rounds(self.passing, self.objective, self.incumbent, self.min_speedup)
+
+
 def convert_options(params: OptimizeParams) -> ConvertOptions:
     """The convert stage's options from the flow parameters."""
     return ConvertOptions(
@@ -60,6 +75,8 @@ def convert_options(params: OptimizeParams) -> ConvertOptions:
         input_shapes=params.input_shapes,
         dynamic_axes=params.dynamic_axes,
         target_opset=params.target_opset,
+        weights=params.weights,
+        keep_initializer_inputs=params.keep_initializer_inputs,
     )
 
 
@@ -153,8 +170,13 @@ def benchmark_task(
     data: DataRef,
     batch_sizes: list[int],
     settings: BenchParams,
+    decide: Decision | None = None,
 ) -> tuple[BenchmarkReport, str]:
-    """Time the source (in its own framework when it has one) and every passing candidate."""
+    """Time the source (in its own framework when it has one) and every passing candidate.
+
+    With ``decide``, rounds are added (up to ``settings.extra_seconds``) while the decision it
+    describes is not yet significant either way.
+    """
     runner = open_source_runner(source, options, model)
     models = dict(candidates)
     runners = {}
@@ -171,6 +193,7 @@ def benchmark_task(
         BenchmarkSettings(**settings.model_dump()),
         progress=get_run_logger().info,
         runners=runners,
+        more=decide.more_rounds() if decide else None,
     )
     return report, source_runtime
 

@@ -12,8 +12,8 @@ from mlflow import MlflowClient
 
 from bladeflow.core import registry
 from bladeflow.core.errors import AccuracyGateError
-from bladeflow.core.settings import Settings
 from bladeflow.core.params import OptimizeParams
+from bladeflow.core.settings import Settings
 from bladeflow.flows.optimize import optimize_flow
 from tests import models
 

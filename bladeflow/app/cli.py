@@ -23,6 +23,7 @@ from bladeflow.app.common import (
     say,
     settings_from,
 )
+from bladeflow.app.console import NORMAL, QUIET, VERBOSE, RunConsole, attach_log
 from bladeflow.app.options import batch_sizes as parse_batch_sizes
 from bladeflow.app.options import dynamic_axes as parse_dynamic_axes
 from bladeflow.app.options import input_shapes as parse_input_shapes
@@ -31,7 +32,7 @@ from bladeflow.app.preflight import check_experiment, check_optimize_input
 from bladeflow.app.serve_cli import serve
 from bladeflow.app.stack_cli import down as stack_down
 from bladeflow.app.stack_cli import up as stack_up
-from bladeflow.core.errors import BladeflowError
+from bladeflow.core.errors import AccuracyGateError, BladeflowError, UserInputError
 from bladeflow.core.settings import Settings
 
 app = typer.Typer(
@@ -198,6 +199,10 @@ def optimize(
     as_json: bool = typer.Option(
         False, "--json", help="Print one JSON object on stdout (progress stays on stderr)."
     ),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Show Prefect's task logs and third-party warnings live."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the result."),
     home: Path | None = HOME_OPTION,
     tracking_uri: str | None = TRACKING_OPTION,
 ) -> None:
@@ -238,13 +243,13 @@ def optimize(
             tracking_uri=settings.tracking_uri,
         )
         check_optimize_input(params)
-        result = _run_optimize(params)
+        result = _run_optimize(params, _verbosity(verbose, quiet))
     except BladeflowError as exc:
         raise fail(exc) from None
     if as_json:
         typer.echo(result.model_dump_json(indent=2))
     else:
-        print_result(result, settings)
+        print_result(result, settings, quiet)
     if result.outcome == "not_improved":
         raise typer.Exit(EXIT_NOT_IMPROVED)
     if release:
@@ -263,6 +268,11 @@ def optimize(
 
 @app.command()
 def demo(
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Show Prefect's task logs and third-party warnings live."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the result."),
     home: Path | None = HOME_OPTION,
     tracking_uri: str | None = TRACKING_OPTION,
 ) -> None:
@@ -292,10 +302,13 @@ def demo(
             data=str(data),
             tracking_uri=settings.tracking_uri,
         )
-        result = _run_optimize(params)
+        result = _run_optimize(params, _verbosity(verbose, quiet), command="demo")
     except BladeflowError as exc:
         raise fail(exc) from None
-    print_result(result, settings)
+    if as_json:
+        typer.echo(result.model_dump_json(indent=2))
+    else:
+        print_result(result, settings, quiet)
 
 
 @app.command()
@@ -343,20 +356,39 @@ def optimize_params(**kwargs: Any) -> Any:
     return params_or_exit(OptimizeParams, **kwargs)
 
 
-def _run_optimize(params: Any) -> Any:
+def _verbosity(verbose: bool, quiet: bool) -> int:
+    if verbose and quiet:
+        raise fail(UserInputError("--verbose and --quiet exclude each other: give one"))
+    return VERBOSE if verbose else QUIET if quiet else NORMAL
+
+
+def _run_optimize(params: Any, verbosity: int = NORMAL, command: str = "optimize") -> Any:
     from bladeflow.app.orchestration import use_prefect_api
 
-    use_prefect_api(Settings.from_env(), say)  # before Prefect is imported
+    settings = Settings.from_env()
+    talk = say if verbosity > QUIET else None
+    if talk:
+        talk(
+            f"optimize: {params.source} -> registered model {params.name!r} "
+            f"(tracking {params.tracking_uri})"
+        )
+    use_prefect_api(settings, talk)  # before Prefect is imported
     from bladeflow.flows.optimize import optimize_flow
 
     quiet_user_error_tracebacks()
-    say(
-        f"optimize: {params.source} -> registered model {params.name!r} "
-        f"(tracking {params.tracking_uri})"
-    )
-    # Prefect and MLflow print to stdout; keep stdout for the result (e.g. --json).
-    with contextlib.redirect_stdout(sys.stderr):
-        return optimize_flow(params)
+    console = RunConsole(settings.home, command, verbosity)
+    run_id = None
+    try:
+        # Prefect and MLflow print to stdout; keep stdout for the result (e.g. --json).
+        with console, contextlib.redirect_stdout(sys.stderr):
+            result = optimize_flow(params)
+        run_id = result.run_id
+        return result
+    except AccuracyGateError as exc:
+        run_id = exc.run_id
+        raise
+    finally:
+        attach_log(settings, run_id, console.log_path)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -53,7 +53,9 @@ def dynamic_axes(text: str | None) -> dict[str, dict[int, str]] | None:
         ) from None
 
 
-def print_result(result: Any, settings: Settings) -> None:
+def print_result(result: Any, settings: Settings, quiet: bool = False) -> None:
+    """The result on stdout: what was registered, the latency table, where the time went."""
+    from bladeflow.app.console import stage_times
     from bladeflow.tasks.validate.summary import latency_table, render_table
 
     if result.synthetic_data:
@@ -71,6 +73,9 @@ def print_result(result: Any, settings: Settings) -> None:
         f"Source latency measured with: {result.source_runtime}\n"
     )
     typer.echo(render_table(latency_table(result)))
+    if quiet:
+        return
+    typer.echo("\n" + stage_times(result.stages))
     typer.echo(
         "\nBrowse the results in the MLflow UI:\n"
         f"  .venv/bin/mlflow ui --backend-store-uri {settings.tracking_uri} "

@@ -15,11 +15,11 @@ use it, so they leave no process behind).
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 
 from bladeflow.app import stack_proc as proc
+from bladeflow.app.stack import StackConfig, prefect_server
 from bladeflow.core.locks import file_lock
 from bladeflow.core.settings import Settings
 
@@ -38,13 +38,11 @@ def _health(api: str) -> str:
 
 
 def _ready(status: int, body: bytes) -> bool:
-    return status == 200 and body.strip() == b"true"
+    return status == 200 and body.strip() == b"true"  # same rule as stack.prefect_server
 
 
 def running_api(settings: Settings) -> str | None:
     """The API of a healthy server this home already has (the stack's or the local one)."""
-    from bladeflow.app.stack import StackConfig
-
     stack = StackConfig(home=settings.home)
     for run_dir, name in ((stack.run_dir, "prefect"), (local_dir(settings), NAME)):
         rec = proc.Record.load(proc.record_path(run_dir, name))
@@ -79,31 +77,8 @@ def start_local(settings: Settings, say: object = None) -> str:
             return api
         proc.stop(folder, NAME, grace_s=10)  # a stale record (dead or unhealthy): replace it
         port = proc.free_port()
-        url = f"http://127.0.0.1:{port}"
-        service = proc.Service(
-            name=NAME,
-            argv=[
-                sys.executable,
-                "-m",
-                "prefect",
-                "server",
-                "start",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--analytics-off",
-            ],
-            env={
-                **os.environ,
-                **settings.environment(),
-                "PREFECT_SERVER_UI_API_URL": f"{url}/api",
-            },
-            health_url=_health(f"{url}/api"),
-            url=url,
-            port=port,
-            ready=_ready,
-        )
+        service = prefect_server(NAME, "127.0.0.1", port, {**os.environ, **settings.environment()})
+        url = service.url
         if callable(say):
             say(f"orchestration: starting a local Prefect server for {settings.home} (once)")
         started = time.monotonic()

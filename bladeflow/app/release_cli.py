@@ -84,7 +84,7 @@ def start(
     (other version) once its lease has expired.
     """
     from bladeflow.core.params import ReleaseParams
-    from bladeflow.tasks.release.plan import load_plan
+    from bladeflow.core.release_plan import load_plan
 
     try:
         settings = _settings(home, tracking_uri)
@@ -159,16 +159,7 @@ def promote(
     tracking_uri: str | None = TRACKING,
 ) -> None:
     """Finish the release in progress now: its canary becomes the champion."""
-    from bladeflow.tasks.release.engine import default_actor, force_promote
-    from bladeflow.tasks.release.tracking import client
-
-    try:
-        message = force_promote(
-            client(_settings(home, tracking_uri)), name, actor or default_actor()
-        )
-        _done(name, "promote", message, as_json)
-    except BladeflowError as exc:
-        raise fail(exc) from None
+    _force("promote", name, actor, as_json, home, tracking_uri)
 
 
 def rollback(
@@ -179,13 +170,18 @@ def rollback(
     tracking_uri: str | None = TRACKING,
 ) -> None:
     """Stop the release in progress (canary gets no traffic), else restore the previous champion."""
-    from bladeflow.tasks.release.engine import default_actor, force_rollback
+    _force("rollback", name, actor, as_json, home, tracking_uri)
+
+
+def _force(
+    action: str, name: str, actor: str | None, as_json: bool, home: Path | None, uri: str | None
+) -> None:
+    from bladeflow.tasks.release.engine import default_actor, force_promote, force_rollback
     from bladeflow.tasks.release.tracking import client
 
+    act = force_promote if action == "promote" else force_rollback
     try:
-        message = force_rollback(
-            client(_settings(home, tracking_uri)), name, actor or default_actor()
-        )
-        _done(name, "rollback", message, as_json)
+        message = act(client(_settings(home, uri)), name, actor or default_actor())
+        _done(name, action, message, as_json)
     except BladeflowError as exc:
         raise fail(exc) from None

@@ -186,27 +186,7 @@ def services(cfg: StackConfig, env: dict[str, str]) -> dict[str, Service]:
         port=cfg.mlflow_port,
         ready=lambda status, body: status == 200 and body.strip() == b"OK",
     )
-    prefect = Service(
-        name="prefect",
-        argv=[
-            sys.executable,
-            "-m",
-            "prefect",
-            "server",
-            "start",
-            "--host",
-            cfg.host,
-            "--port",
-            str(cfg.prefect_port),
-            "--analytics-off",
-        ],
-        # Without it the UI in the browser calls the API on port 4200 whatever the port is.
-        env={**env, "PREFECT_SERVER_UI_API_URL": cfg.prefect_api},
-        health_url=f"{cfg.prefect_api}/health",
-        url=f"http://{cfg.host}:{cfg.prefect_port}",
-        port=cfg.prefect_port,
-        ready=lambda status, body: status == 200 and body.strip() == b"true",
-    )
+    prefect = prefect_server("prefect", cfg.host, cfg.prefect_port, env)
     worker = Service(
         name="worker",
         argv=[
@@ -231,6 +211,24 @@ def services(cfg: StackConfig, env: dict[str, str]) -> dict[str, Service]:
     if not cfg.s3:
         del chosen["s3"]
     return chosen
+
+
+PREFECT_SERVER_START = [sys.executable, "-m", "prefect", "server", "start"]
+
+
+def prefect_server(name: str, host: str, port: int, env: dict[str, str]) -> Service:
+    """A `prefect server start` service (the stack's, or the CLI's warm local one)."""
+    url = f"http://{host}:{port}"
+    return Service(
+        name=name,
+        argv=[*PREFECT_SERVER_START, "--host", host, "--port", str(port), "--analytics-off"],
+        # Without it the UI in the browser calls the API on port 4200 whatever the port is.
+        env={**env, "PREFECT_SERVER_UI_API_URL": f"{url}/api"},
+        health_url=f"{url}/api/health",
+        url=url,
+        port=port,
+        ready=lambda status, body: status == 200 and body.strip() == b"true",
+    )
 
 
 def start_stack(cfg: StackConfig) -> dict[str, float]:

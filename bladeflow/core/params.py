@@ -12,9 +12,9 @@ from pydantic import BaseModel, Field, field_validator
 from bladeflow.core import registry
 from bladeflow.core.contract import BenchmarkReport, LatencyStats, Tolerance
 from bladeflow.core.errors import UserInputError
+from bladeflow.core.policy import TolerancePolicy, policy_from_tolerance
 from bladeflow.core.redact import redact, split_credentials
-from bladeflow.tasks.release.plan import ReleasePlan  # moved to core at integration
-from bladeflow.tasks.validate.policy import TolerancePolicy  # moved to core at integration
+from bladeflow.core.release_plan import ReleasePlan
 
 
 def no_password(uri: str | None) -> str | None:
@@ -64,6 +64,13 @@ class BenchParams(BaseModel):
     rounds: int = Field(5, ge=1, description="interleaved rounds over all models")
     iterations: int = Field(20, ge=1, description="timed runs per model per round")
     max_seconds: float = Field(10.0, gt=0, description="time cap per model and batch size")
+    extra_seconds: float = Field(
+        0.0,
+        ge=0,
+        description="when a timing decision (must_beat) is still undecided after `rounds`, add "
+        "rounds for up to this many seconds before deciding",
+    )
+    max_rounds: int = Field(50, ge=1, description="rounds at most, extra rounds included")
 
 
 class OptimizeParams(BaseModel):
@@ -152,8 +159,6 @@ class OptimizeParams(BaseModel):
 
     def effective_policy(self) -> TolerancePolicy:
         """The gate policy: ``policy`` when given, else the one ``tolerance`` stands for."""
-        from bladeflow.tasks.validate.policy import policy_from_tolerance
-
         return self.policy or policy_from_tolerance(self.tolerance)
 
 

@@ -55,6 +55,10 @@ MODEL_TAG_NIGHTLY_KEY = "bladeflow.nightly_key"  # cache key of the last complet
 MODEL_TAG_NIGHTLY_INPUTS = "bladeflow.nightly_inputs"  # JSON: short hash of each part of the key
 MODEL_TAG_NIGHTLY_CHECKED = "bladeflow.nightly_checked_at"  # when nightly last looked
 
+# Key of the convert step's config (a model's provenance) saying why int8 recipes cannot be built
+# on it (an opset too old for the quantizers that ONNX's converter could not upgrade).
+PROVENANCE_INT8_BLOCKED = "int8_blocked"
+
 # The pseudo-pass that closes every recipe: how ONNX Runtime must run the model.
 RUNTIME_STEP = "runtime.onnxruntime"
 RUNTIME_FILE = "bladeflow_runtime.json"  # written next to model.onnx inside the logged model

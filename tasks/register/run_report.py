@@ -25,12 +25,12 @@ from bladeflow.core.contract import (
 from bladeflow.core.environment import hardware, tool_versions
 from bladeflow.core.outcome import Status
 from bladeflow.core.params import OptimizeParams
+from bladeflow.core.policy import TolerancePolicy
 from bladeflow.core.redact import redact
 from bladeflow.core.settings import Settings
 from bladeflow.tasks.register import mlflow_registry as reg
 from bladeflow.tasks.validate.gate import StepError, candidate_steps, validate_chain
 from bladeflow.tasks.validate.gx import SuiteResult
-from bladeflow.tasks.validate.policy import TolerancePolicy
 from bladeflow.tasks.validate.prepare import PreparedData, read_data
 from bladeflow.tasks.validate.report import RunResults, write_report
 from bladeflow.tasks.validate.summary import pareto_plot
@@ -125,6 +125,7 @@ def optimize_result(
             "chosen": {b: s.throughput for b, s in opt.items()},
         },
         speedup={b: (src[b].p50_ms / opt[b].p50_ms if opt[b].p50_ms else 0.0) for b in opt},
+        speedup_ci=bench.speedup_ci(chosen.name, SOURCE),
         source_runtime=source_runtime,
         synthetic_data=data.synthetic,
         stages=stages,

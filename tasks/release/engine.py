@@ -26,13 +26,13 @@ from pydantic import BaseModel, Field
 
 from bladeflow.core.errors import UserInputError
 from bladeflow.core.params import ReleaseParams
+from bladeflow.core.release_plan import OnInsufficientTraffic
 from bladeflow.core.settings import Settings
 from bladeflow.tasks.release import state as st
 from bladeflow.tasks.release import tracking
 from bladeflow.tasks.release.errors import ReleaseRolledBackError
 from bladeflow.tasks.release.gates import Decision, GateResult, champion_reference, judge
 from bladeflow.tasks.release.metrics import RoleStats, Samples, delta, total
-from bladeflow.tasks.release.plan import OnInsufficientTraffic
 from bladeflow.tasks.release.scrape import Scraper
 
 log = logging.getLogger("bladeflow.release")

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from bladeflow.core import registry
+from bladeflow.core.release_plan import GatePolicy, ReleasePlan, StagePlan
 from bladeflow.core.settings import Settings
 from bladeflow.tasks.release import tracking
-from bladeflow.tasks.release.plan import GatePolicy, ReleasePlan, StagePlan
 
 
 @pytest.fixture(scope="session")

@@ -19,12 +19,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from bladeflow.core.release_plan import GatePolicy
 from bladeflow.core.settings import Settings
 from bladeflow.flows.release import release_flow
 from bladeflow.tasks.release import engine
 from bladeflow.tasks.release import state as st
 from bladeflow.tasks.release.errors import ReleaseRolledBackError
-from bladeflow.tasks.release.plan import GatePolicy
 from tests import models
 from tests.release.conftest import quick_plan
 from tests.serving.conftest import Registry, start_server

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from bladeflow.app import release_cli
 from bladeflow.core import registry
+from bladeflow.core.release_plan import OnInsufficientTraffic, StagePlan
 from bladeflow.core.settings import Settings
 from bladeflow.flows.release import release_flow
 from bladeflow.tasks.release import engine
@@ -25,7 +26,6 @@ from bladeflow.tasks.release.errors import (
     ReleaseConflictError,
     ReleaseRolledBackError,
 )
-from bladeflow.tasks.release.plan import OnInsufficientTraffic, StagePlan
 from tests.release.conftest import Background, quick_plan
 from tests.release.sim import Profile, SimServing
 

@@ -1,0 +1,119 @@
+"""Encoder-decoder generation: PyTorch eager ``generate()`` vs bladeflow's ONNX Runtime loop.
+
+Run: ``.venv/bin/python -m bench.generation [--threads 2] [--rounds 5]``. A BART-type model is
+built from a config and trained briefly on "reverse the sequence" (tests/generation/tiny_models),
+exported with tasks/convert/seq2seq_export, then timed at batch 1 and 8 with a fixed number of new
+tokens (min = max), greedy. Variants run in interleaved blocks of calls (A B C A B C ...), medians
+over rounds; torch and ONNX Runtime use the same thread count, ORT without spinning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from bladeflow.core.contract import SessionConfig
+from bladeflow.core.generation import Generator
+from bladeflow.tasks.convert.seq2seq_export import export, same_tokens, source_generate
+from tests.generation import tiny_models as tm
+
+Run = Callable[[dict[str, np.ndarray], int], np.ndarray]
+
+
+def _block(run: Run, inputs: dict[str, np.ndarray], new: int, calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        run(inputs, new)
+    return (time.perf_counter() - start) / calls
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--train-steps", type=int, default=300)
+    parser.add_argument("--samples", type=int, default=32, help="batch-1 inputs for exact match")
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    model = tm.train(
+        tm.tiny_bart(d_model=args.d_model, layers=args.layers, max_positions=128),
+        speech=False,
+        steps=args.train_steps,
+    )
+    folder = tempfile.mkdtemp(prefix="bench-seq2seq-")
+    export(model, folder)
+    config = SessionConfig(intra_op_num_threads=args.threads, allow_spinning=False)
+    plain, bound = Generator(folder, config), Generator(folder, config, io_binding=True)
+
+    def eager(inputs: dict[str, np.ndarray], new: int) -> np.ndarray:
+        feeds = {k: torch.from_numpy(v) for k, v in inputs.items()}
+        with torch.no_grad():
+            out = source_generate(
+                model, feeds, max_new_tokens=new, min_new_tokens=new, use_cache=True
+            )
+        result: np.ndarray = out.numpy()
+        return result
+
+    variants: dict[str, Run] = {
+        "torch eager": eager,
+        "bladeflow ORT": lambda x, n: plain.generate(x, max_new_tokens=n, min_new_tokens=n),
+        "bladeflow ORT+IOBinding": lambda x, n: bound.generate(
+            x, max_new_tokens=n, min_new_tokens=n
+        ),
+    }
+    rng = np.random.default_rng(11)
+    print(
+        f"BART-type d_model={args.d_model} layers={args.layers}, threads={args.threads}, "
+        f"rounds={args.rounds} (shared machine: compare ratios within this run only)"
+    )
+    header = f"{'batch':>5} {'new':>4} {'variant':<24} {'ms/call':>9} {'ms/token':>9} "
+    print(header + f"{'vs eager':>9} {'exact':>7}")
+    for batch in (1, 8):
+        for new in (16, 64):
+            inputs = tm.text_batch(tm.random_sequences(rng, batch))
+            calls = max(1, 4 // batch)
+            for run in variants.values():  # warm-up
+                run(inputs, new)
+            times: dict[str, list[float]] = {name: [] for name in variants}
+            for _ in range(args.rounds):
+                for name, run in variants.items():
+                    times[name].append(_block(run, inputs, new, calls))
+                    time.sleep(0.05)  # let spinning/cached threads settle between blocks
+            samples = tm.random_sequences(rng, args.samples if batch == 1 else 4 * batch)
+            match = _exact_rate(variants, samples, batch, new)
+            base = statistics.median(times["torch eager"])
+            for name in variants:
+                med = statistics.median(times[name])
+                rate = "" if name == "torch eager" else f"{100 * match[name]:.0f}%"
+                print(
+                    f"{batch:>5} {new:>4} {name:<24} {1e3 * med:>9.2f} "
+                    f"{1e3 * med / new:>9.3f} {base / med:>8.2f}x {rate:>7}"
+                )
+
+
+def _exact_rate(
+    variants: dict[str, Run], samples: list[list[int]], batch: int, new: int
+) -> dict[str, float]:
+    """Per variant, the share of samples whose tokens equal torch eager's exactly."""
+    hits = {name: 0 for name in variants}
+    for i in range(0, len(samples), batch):
+        inputs = tm.text_batch(samples[i : i + batch])
+        ref = variants["torch eager"](inputs, new)
+        for name, run in variants.items():
+            out = run(inputs, new)
+            hits[name] += sum(same_tokens(out[j], ref[j], tm.EOS) for j in range(len(ref)))
+    return {name: n / len(samples) for name, n in hits.items()}
+
+
+if __name__ == "__main__":
+    main()
