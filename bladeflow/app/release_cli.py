@@ -130,7 +130,7 @@ def status(
     tracking_uri: str | None = TRACKING,
 ) -> None:
     """Show champion, canary, weights, the lease and the release in progress (read-only)."""
-    from bladeflow.tasks.release.engine import describe
+    from bladeflow.tasks.release.manual import describe
     from bladeflow.tasks.release.tracking import client
 
     try:
@@ -176,7 +176,8 @@ def rollback(
 def _force(
     action: str, name: str, actor: str | None, as_json: bool, home: Path | None, uri: str | None
 ) -> None:
-    from bladeflow.tasks.release.engine import default_actor, force_promote, force_rollback
+    from bladeflow.tasks.release.engine import default_actor
+    from bladeflow.tasks.release.manual import force_promote, force_rollback
     from bladeflow.tasks.release.tracking import client
 
     act = force_promote if action == "promote" else force_rollback

@@ -19,6 +19,7 @@ import numpy as np
 
 from bladeflow.core.contract import ModelArtifact
 from bladeflow.core.errors import ModelFileError
+from bladeflow.core.text import human_bytes
 
 if TYPE_CHECKING:
     from bladeflow.tasks.convert.dispatch import ConvertOptions
@@ -110,15 +111,6 @@ def source_size(path: Path) -> int:
     if path.is_dir():
         return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     return path.stat().st_size
-
-
-def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB'; 17179869184 -> '16.0 GiB'."""
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 def check_size(source: str) -> None:

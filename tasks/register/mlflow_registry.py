@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -145,106 +143,23 @@ def start_run(settings: Settings, model_name: str, params: dict[str, Any]) -> st
     """
     experiment_id = ensure_experiment(settings)
     with mlflow_errors(settings, "starting the MLflow run"):
-        reap_stale_runs(settings, model_name, experiment_id)
+        from bladeflow.tasks.register.stale_runs import owner, reap_stale_runs
+
+        reap_stale_runs(client(settings), model_name, experiment_id)
         c = client(settings)
         run = c.create_run(
             experiment_id,
             run_name=f"optimize-{model_name}",
             tags={
-                "bladeflow.model": model_name,
-                "bladeflow.flow": "optimize",
-                TAG_OWNER: json.dumps(_owner(), sort_keys=True),
+                registry.RUN_TAG_MODEL: model_name,
+                registry.RUN_TAG_FLOW: "optimize",
+                TAG_OWNER: json.dumps(owner(), sort_keys=True),
             },
         )
         from mlflow.entities import Param
 
         c.log_batch(run.info.run_id, params=[Param(k, _param(v)) for k, v in params.items()])
     return str(run.info.run_id)
-
-
-def reap_stale_runs(settings: Settings, model_name: str, experiment_id: str) -> list[str]:
-    """Mark optimize runs of ``model_name`` KILLED whose process is gone; return their ids.
-
-    A SIGKILLed (or OOM-killed) flow never ends its MLflow run, which then shows RUNNING forever.
-    Only runs owned by a process on this host that no longer exists are touched (a run of another
-    host, or a live concurrent run, is left alone). Versions such a run created but never
-    finished (no ``bladeflow.validated=true`` or not READY, and no alias) are deleted.
-    """
-    c = client(settings)
-    stale = c.search_runs(
-        [experiment_id],
-        filter_string=(
-            f"tags.`bladeflow.model` = '{model_name}' and tags.`bladeflow.flow` = 'optimize' "
-            "and attributes.status = 'RUNNING'"
-        ),
-        max_results=200,
-    )
-    reaped = []
-    for run in stale:
-        owner = run.data.tags.get(TAG_OWNER)
-        if not owner or _owner_alive(owner):
-            continue
-        run_id = run.info.run_id
-        aliased = _aliased_versions(c, model_name)
-        deleted = []
-        for mv in c.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'"):
-            complete = mv.status == "READY" and mv.tags.get(registry.TAG_VALIDATED) == "true"
-            if str(mv.version) not in aliased and not complete:
-                _delete_quietly(c, model_name, str(mv.version))
-                deleted.append(str(mv.version))
-        c.set_tag(run_id, "bladeflow.outcome", "killed")
-        c.set_tag(
-            run_id,
-            "bladeflow.reason",
-            f"the process that ran it ({owner}) is gone and never ended the run (killed, or "
-            f"MLflow was unreachable when it failed); marked KILLED by the next optimize run of "
-            f"{model_name!r}"
-            + (f"; deleted its unfinished version(s) {deleted}" if deleted else ""),
-        )
-        c.set_terminated(run_id, status="KILLED")
-        reaped.append(run_id)
-    return reaped
-
-
-def _aliased_versions(c: Any, name: str) -> set[str]:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return {str(v) for v in c.get_registered_model(name).aliases.values()}
-    except MlflowException:
-        return set()
-
-
-def _owner() -> dict[str, Any]:
-    pid = os.getpid()
-    return {"host": socket.gethostname(), "pid": pid, "started": _process_start(pid)}
-
-
-def _process_start(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rpartition(")")[2].split()[19]
-
-
-def _owner_alive(owner: str) -> bool:
-    """Whether the process recorded in a run's owner tag may still run (unknown counts alive)."""
-    try:
-        info = json.loads(owner)
-        host, pid, started = info["host"], int(info["pid"]), info.get("started")
-    except (ValueError, KeyError, TypeError):
-        return True
-    if host != socket.gethostname():
-        return True  # cannot tell from here
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by someone else
-    return started is None or _process_start(pid) in (None, started)
 
 
 def log_metrics(settings: Settings, run_id: str, metrics: dict[str, float]) -> None:
@@ -396,7 +311,7 @@ def register(
             fault_point("register.alias_set")
     except BaseException:
         if version is not None:
-            _delete_quietly(c, name, version)
+            delete_quietly(c, name, version)
         raise
     return version, f"models:/{name}/{version}"
 
@@ -453,7 +368,7 @@ def _await_ready(c: Any, name: str, version: str, timeout_s: float = 300) -> Non
         time.sleep(0.5)
 
 
-def _delete_quietly(c: Any, name: str, version: str) -> None:
+def delete_quietly(c: Any, name: str, version: str) -> None:
     # The original error is what the user needs; a leftover carries no alias and no
     # validated=true, and the next run deletes it (reap_stale_runs).
     try:

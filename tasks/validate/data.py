@@ -15,6 +15,7 @@ import numpy as np
 
 from bladeflow.core.contract import Signature, TensorSpec
 from bladeflow.core.errors import DataError
+from bladeflow.core.text import human_bytes
 
 Dataset = dict[str, np.ndarray]
 
@@ -82,15 +83,6 @@ def check_array_files(path: str | Path) -> None:
             f"of {human_bytes(limit)} ({ENV_MAX_DATA_BYTES}=<bytes> raises it): use a "
             "smaller validation sample"
         )
-
-
-def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB'; 17179869184 -> '16.0 GiB'."""
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 def _npy_sizes(fh: object, stored: int, name: str) -> tuple[int, int]:

@@ -25,6 +25,7 @@ from bladeflow.core.contract import (
 )
 from bladeflow.core.hashing import sha256_path
 from bladeflow.core.policy import OutputTolerance, TolerancePolicy
+from bladeflow.core.text import safe_name
 from bladeflow.tasks.validate.accuracy import REFERENCE_SESSION, cosine_rows, predict
 from bladeflow.tasks.validate.data import Dataset
 from bladeflow.tasks.validate.gx import Check, SuiteResult, run_checks
@@ -216,7 +217,7 @@ def accuracy_gate(
         table = pd.DataFrame()
     suite = run_checks(table, gate_checks(table, compared, policy), f"accuracy-{candidate}")
     if gx_dir is not None:
-        suite.save(Path(gx_dir) / f"accuracy-{_safe(candidate)}.json")
+        suite.save(Path(gx_dir) / f"accuracy-{safe_name(candidate)}.json")
 
     metric: MetricComparison | None = None
     if labels is not None and policy.metric is not None:
@@ -389,7 +390,3 @@ def _rows(x: np.ndarray) -> np.ndarray:
 
 def _finite(x: np.ndarray) -> np.ndarray:
     return np.nan_to_num(x.astype(np.float64), nan=_HUGE, posinf=_HUGE, neginf=_HUGE)
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

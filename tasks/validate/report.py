@@ -23,6 +23,7 @@ from bladeflow.core.contract import (
     SessionConfig,
 )
 from bladeflow.core.environment import hardware, tool_versions
+from bladeflow.core.text import safe_name
 from bladeflow.tasks.validate.gate import GateOutcome, StepError
 from bladeflow.tasks.validate.gx import SuiteResult
 from bladeflow.tasks.validate.labels import LABEL_AGREE
@@ -77,8 +78,8 @@ def write_report(folder: Path, results: RunResults) -> ReportFiles:
         gx_files.append(str(results.data_suite.save(folder / "gx" / "validation-data.json")))
     for cand, acc in results.accuracy.items():
         if isinstance(acc, GateOutcome):
-            gx_files.append(str(acc.suite.save(folder / "gx" / f"accuracy-{_safe(cand)}.json")))
-            path = folder / "tables" / f"accuracy-{_safe(cand)}.csv"
+            gx_files.append(str(acc.suite.save(folder / "gx" / f"accuracy-{safe_name(cand)}.json")))
+            path = folder / "tables" / f"accuracy-{safe_name(cand)}.csv"
             path.parent.mkdir(parents=True, exist_ok=True)
             acc.table.to_csv(path, index_label="sample")
             tables.append(str(path))
@@ -250,7 +251,7 @@ def write_plots(folder: Path, results: RunResults) -> list[Path]:
         ax.set_ylabel("samples")
         ax.set_title(f"{results.name}: error histogram, output {out}")
         ax.legend()
-        path = folder / f"errors-{_safe(out)}.png"
+        path = folder / f"errors-{safe_name(out)}.png"
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)
@@ -389,7 +390,3 @@ def _kv_lines(values: dict[str, Any]) -> list[str]:
         for k, v in values.items()
     ]
     return markdown_table(rows)
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
