@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -66,7 +68,20 @@ def settings_from(home: Path | None, tracking_uri: str | None, *, apply: bool = 
     settings = replace(settings, tracking_uri=tracking, registry_uri=registry_uri)
     if apply:
         settings.apply()
+        exit_promptly_on_sigterm()
     return settings
+
+
+def exit_promptly_on_sigterm() -> None:
+    """SIGTERM ends the command at once with exit 143 (128 + 15), even while it is waiting on
+    retries; `finally` blocks and the flow's failure hooks still run. Installed by every command
+    that resolves settings (the server installs its own graceful drain instead)."""
+
+    def _stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop)
 
 
 def params_or_exit(model: Any, **kwargs: Any) -> Any:
