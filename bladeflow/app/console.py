@@ -53,7 +53,10 @@ class _Row:
     def elapsed(self) -> str:
         if self.started is None:
             return ""
-        return f"{(self.ended or time.monotonic()) - self.started:5.1f} s"
+        end = (
+            time.monotonic() if self.state in {"running", "building", "validating"} else self.ended
+        )
+        return f"{(end or time.monotonic()) - self.started:5.1f} s"
 
 
 @dataclass
@@ -72,13 +75,16 @@ class Progress:
         now = time.monotonic()
         row = self.stages[stage]
         if row.started is None:
-            row.started, row.state = now, "running"
+            # A task logs little before it ends: a stage starts when the one before it ended.
+            ends = [r.ended for r in self.stages.values() if r.ended is not None]
+            row.started, row.state = max(ends, default=now), "running"
             self.lines.append(f"{stage}: started")
         cand = None
         if task in _PER_CANDIDATE:
             name = task_run.removeprefix(_PER_CANDIDATE[task])
             cand = self.candidates.setdefault(name, _Row(name, started=now))
-            cand.state = "building" if task == "build-candidate" else "validating"
+            if cand.state in {"waiting", "built"}:
+                cand.state = "building" if task == "build-candidate" else "validating"
         if message.startswith("Finished in state"):
             self._finished(task, task_run, row, cand, "Completed" in message, now)
         elif (
@@ -95,7 +101,8 @@ class Progress:
         for earlier in STAGES[: STAGES.index(stage)]:
             r = self.stages[earlier]
             if r.state == "running":
-                r.state, r.ended = "done", now
+                r.state = "done"
+                r.ended = r.ended or now
 
     def _finished(
         self, task: str, task_run: str, row: _Row, cand: _Row | None, done: bool, now: float
@@ -110,6 +117,7 @@ class Progress:
             row.state = "FAILED"
         else:
             row.note = ""
+        row.ended = now
         if not done:
             self.lines.append(f"{task_run}: FAILED")
 
@@ -176,6 +184,7 @@ class RunConsole:
             self._add(logging.getLogger(name), log_file)
         if self.verbosity >= VERBOSE:
             return self
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         self._terminal = self._redirect_stderr()
         if self.verbosity == NORMAL:
             self._add(logging.getLogger("prefect"), _FlowRecords(self.progress, self._refresh))
@@ -184,7 +193,15 @@ class RunConsole:
                 from rich.live import Live
 
                 console = Console(file=self._terminal)
-                self._live = Live(self.progress.render(), console=console, refresh_per_second=4)
+                # Live would otherwise route sys.stdout/stderr (MLflow's progress bars, Prefect's
+                # console handler) onto the terminal above the table: they belong in the log.
+                self._live = Live(
+                    self.progress.render(),
+                    console=console,
+                    refresh_per_second=4,
+                    redirect_stdout=False,
+                    redirect_stderr=False,
+                )
                 self._live.start()
         return self
 

@@ -1,0 +1,44 @@
+"""The console's progress rows, folded from the flow's task-run log records."""
+
+from __future__ import annotations
+
+from bladeflow.app.console import Progress, stage_times
+from bladeflow.core.contract import StageResult
+from bladeflow.core.outcome import Status
+
+
+def test_records_become_stage_and_candidate_rows():
+    # setup
+    p = Progress()
+    events = [
+        ("convert", "convert-1a2", "convert: onnx model m.onnx -> ONNX"),
+        ("convert", "convert-1a2", "Finished in state Completed()"),
+        ("build-candidate", "build-fused", "Finished in state Completed()"),
+        ("build-candidate", "build-int8", "Finished in state Failed('boom')"),
+        ("validate", "validate-fused", "validate: fused passed"),
+        ("validate", "validate-fused", "Finished in state Completed()"),
+        ("validate", "validate-base", "validate: base FAILED (output 'y': 3/3 samples outside)"),
+        ("validate", "validate-base", "Finished in state Completed()"),
+        ("register", "register-9f", "register: models:/m/1 is version 1"),
+    ]
+    # execute
+    for task, run, message in events:
+        p.event(task, run, message)
+    p.finish()
+    # assert
+    assert p.stages["convert"].state == "done" and p.stages["optimize"].state == "done"
+    assert p.stages["benchmark"].state == "waiting"
+    assert p.candidates["fused"].state == "passed"
+    assert p.candidates["int8"].state == "FAILED"
+    assert p.candidates["base"].state == "rejected" and "3/3" in p.candidates["base"].note
+    assert "build-int8: FAILED" in p.lines and "validate: fused passed" in p.lines
+
+
+def test_where_the_time_went_lists_every_stage():
+    # setup
+    stages = [
+        StageResult(stage="convert", status=Status.OK, elapsed_s=1.25),
+        StageResult(stage="register", status=Status.SKIPPED, elapsed_s=0.0),
+    ]
+    # execute / assert
+    assert stage_times(stages) == "where the time went: convert 1.2 s, register 0.0 s"
