@@ -284,7 +284,10 @@ class OptimizeResult(BaseModel):
         description="'source' and 'chosen' -> batch size -> latency stats"
     )
     throughput: dict[str, dict[int, float]]
-    speedup: dict[int, float] = Field(description="batch size -> source p50 / chosen p50")
+    speedup: dict[int, float] = Field(
+        description="batch size -> source/chosen latency: the paired estimate over the "
+        "interleaved rounds (centre of speedup_ci), else source p50 / chosen p50"
+    )
     speedup_ci: dict[int, tuple[float, float]] = Field(
         default_factory=dict,
         description="batch size -> 95% interval of source/chosen latency over paired rounds",

@@ -7,6 +7,7 @@ run per candidate, ``reports/``), in files beside it, and in the tags of the ver
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,7 @@ def optimize_result(
 ) -> OptimizeResult:
     """The result ``bladeflow optimize --json`` prints (version filled in at registration)."""
     src, opt = bench.models[SOURCE], bench.models[chosen.name]
+    ci = bench.speedup_ci(chosen.name, SOURCE)
     return OptimizeResult(
         name=params.name,
         version="pending",
@@ -124,12 +126,27 @@ def optimize_result(
             "source": {b: s.throughput for b, s in src.items()},
             "chosen": {b: s.throughput for b, s in opt.items()},
         },
-        speedup={b: (src[b].p50_ms / opt[b].p50_ms if opt[b].p50_ms else 0.0) for b in opt},
-        speedup_ci=bench.speedup_ci(chosen.name, SOURCE),
+        speedup=_speedups(src, opt, ci),
+        speedup_ci=ci,
         source_runtime=source_runtime,
         synthetic_data=data.synthetic,
         stages=stages,
     )
+
+
+def _speedups(
+    src: dict[int, Any], opt: dict[int, Any], ci: dict[int, tuple[float, float]]
+) -> dict[int, float]:
+    """Per batch size: the paired estimate over the benchmark rounds (the centre of its
+    log-symmetric interval, so the printed ratio always lies inside ``[lo-hi]``); pooled p50 over
+    pooled p50 where rounds were not recorded."""
+    out = {}
+    for b in opt:
+        if b in ci:
+            out[b] = round(math.sqrt(ci[b][0] * ci[b][1]), 4)
+        else:
+            out[b] = src[b].p50_ms / opt[b].p50_ms if opt[b].p50_ms else 0.0
+    return out
 
 
 def version_tags(
