@@ -13,6 +13,7 @@ It lives in ``core`` because the release gates and serving may import only ``cor
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -102,6 +103,23 @@ def paired_speedup(
     return Speedup(math.exp(mean), math.exp(mean - half), math.exp(mean + half), k, confidence)
 
 
+def sequential_confidence(rounds: int, planned: int, confidence: float = CONFIDENCE) -> float:
+    """The confidence to judge with after ``rounds`` rounds of a benchmark that may add rounds.
+
+    A benchmark that adds a round and looks again until the interval excludes the threshold gets
+    many chances to be wrong: stopping at the first "decided" look makes noise look like a win
+    (measured: 2 of 7 A/A nightly runs registered a version, each stopping early, at 14 and 27
+    rounds). So the error budget ``1 - confidence`` is spent across looks: half on the first look
+    (the ``planned`` rounds), and ``half / ((k - 1) k)`` on look ``k >= 2`` (these sum to the other
+    half over any number of looks). Any verdict reached this way is wrong with probability at most
+    ``1 - confidence`` however many rounds were added (a union bound over looks).
+    """
+    alpha = 1.0 - confidence
+    look = max(1, rounds - planned + 1)
+    spent = alpha / 2 if look == 1 else alpha / 2 / ((look - 1) * look)
+    return 1.0 - spent
+
+
 def quantile_interval(
     buckets: Mapping[float, float], q: float, confidence: float = CONFIDENCE
 ) -> tuple[float, float] | None:
@@ -149,6 +167,7 @@ def _at_rank(buckets: Mapping[float, float], bounds: list[float], rank: float) -
     return bounds[-1]
 
 
+@functools.lru_cache(maxsize=1024)
 def _t_quantile(p: float, df: int) -> float:
     from scipy.stats import t
 
