@@ -14,7 +14,13 @@ from pydantic import BaseModel
 
 from bladeflow.core.contract import BenchmarkReport, Candidate, PassRecord
 from bladeflow.core.params import Objective
-from bladeflow.core.stats import Speedup, Verdict, paired_speedup
+from bladeflow.core.stats import (
+    CONFIDENCE,
+    Speedup,
+    Verdict,
+    paired_speedup,
+    sequential_confidence,
+)
 
 BASELINE = "baseline"  # the unoptimized candidate: always eligible
 
@@ -37,16 +43,25 @@ class Judgement(BaseModel):
     rounds: int = 0
 
 
-def speedup_at(bench: BenchmarkReport, new: str, old: str, batch: int) -> Speedup:
+def speedup_at(
+    bench: BenchmarkReport, new: str, old: str, batch: int, planned_rounds: int | None = None
+) -> Speedup:
     """``old/new`` latency at ``batch`` with its interval over the paired rounds.
 
     Throughput is batch / latency, so the same ratio serves both objectives. A report without
     per-round medians (an older run, an older remote worker) gives the plain ratio of medians as
     a zero-width interval: the decision falls back to the point estimate, as before intervals.
+    ``planned_rounds``: the benchmark started with this many rounds and added more until the
+    decision was made, so the interval uses ``sequential_confidence`` (wider) to stay honest.
     """
     a, b = bench.models[new][batch], bench.models[old][batch]
     if len(a.round_medians_ms) == len(b.round_medians_ms) and a.round_medians_ms:
-        return paired_speedup(a.round_medians_ms, b.round_medians_ms)
+        confidence = (
+            CONFIDENCE
+            if planned_rounds is None
+            else sequential_confidence(len(a.round_medians_ms), planned_rounds)
+        )
+        return paired_speedup(a.round_medians_ms, b.round_medians_ms, confidence)
     ratio = b.p50_ms / a.p50_ms if a.p50_ms else 0.0
     return Speedup(ratio, ratio, ratio, 0)
 
@@ -108,6 +123,7 @@ def judge_incumbent(
     incumbent_version: str,
     objective: Objective,
     min_speedup: float,
+    planned_rounds: int | None = None,
 ) -> Judgement:
     """Speedup of ``chosen`` over the incumbent timed in the same run, against ``min_speedup``.
 
@@ -115,12 +131,14 @@ def judge_incumbent(
     reason carries the interval, so a 6% difference on a machine with more noise than that is
     not a new version.
     """
-    sp = speedup_at(bench, chosen, incumbent_label, _batch(bench, chosen, objective))
+    sp = speedup_at(
+        bench, chosen, incumbent_label, _batch(bench, chosen, objective), planned_rounds
+    )
     improved = sp.at_least(min_speedup)
     where = f"{objective.kind}@{objective.batch}"
     reason = (
         f"{chosen} is {sp.text()} v{incumbent_version} at {where} "
-        f"({sp.confidence:.0%} interval over {sp.rounds} paired rounds)"
+        f"({percent(sp.confidence)} interval over {sp.rounds} paired rounds)"
     )
     if not improved:
         reason += (
@@ -143,13 +161,15 @@ def more_rounds(
     objective: Objective,
     incumbent_label: str | None = None,
     min_speedup: float = 1.0,
+    planned_rounds: int | None = None,
 ) -> Callable[[BenchmarkReport], int | None]:
     """For ``benchmark(more=...)``: the objective's batch while the decision is undecided.
 
     Undecided: with an incumbent, the chosen candidate's interval against it straddles
     ``min_speedup``; without one, the fastest candidate's interval against the baseline straddles
     1 (an optimization that may be noise). More rounds narrow the interval; the benchmark stops
-    adding them at its ``extra_seconds`` budget.
+    adding them at its ``extra_seconds`` budget. With ``planned_rounds`` the incumbent decision
+    uses the sequential confidence (see ``speedup_at``), the same one ``judge_incumbent`` must use.
     """
 
     def more(bench: BenchmarkReport) -> int | None:
@@ -159,7 +179,7 @@ def more_rounds(
         chosen = select_candidate(timed, bench, objective)
         batch = _batch(bench, chosen.name, objective)
         if incumbent_label is not None and incumbent_label in bench.models:
-            sp = speedup_at(bench, chosen.name, incumbent_label, batch)
+            sp = speedup_at(bench, chosen.name, incumbent_label, batch, planned_rounds)
             return None if sp.decided(min_speedup) else batch
         if chosen.name == BASELINE or BASELINE not in bench.models:
             return None
@@ -168,7 +188,56 @@ def more_rounds(
     return more
 
 
+def percent(confidence: float) -> str:
+    """0.95 -> ``95%``, 0.99875 -> ``99.875%``: the stated confidence, without float noise."""
+    return f"{confidence * 100:.3f}".rstrip("0").rstrip(".") + "%"
+
+
 def _batch(bench: BenchmarkReport, name: str, objective: Objective) -> int:
     """The objective's batch size (the smallest measured one if absent), as Objective.stats."""
     per = bench.models[name]
     return objective.batch if objective.batch in per else min(per)
+
+
+def screen(passing: list[Candidate], bench: BenchmarkReport) -> dict[str, str]:
+    """Candidates a short screening run shows are not worth a full benchmark, with the reason.
+
+    A candidate is dropped only when another one is significantly faster than it at EVERY batch
+    size the screening run measured (dominated), so the batch-size guard and the final choice
+    can never miss it: whichever candidate dominates it is at least as good everywhere. The
+    baseline is never dropped (it is the reference every speedup is measured against).
+    """
+    timed = [c for c in passing if c.name in bench.models]
+    dropped: dict[str, str] = {}
+    for c in timed:
+        if c.name == BASELINE:
+            continue
+        for d in timed:
+            if d is c or d.name in dropped:
+                continue
+            gaps = _dominates(bench, d.name, c.name)
+            if gaps:
+                dropped[c.name] = (
+                    f"screened out: {d.name} was significantly faster at every batch size of a "
+                    f"short screening run ({gaps}), so {c.name} was not timed in full"
+                )
+                break
+    return dropped
+
+
+def _dominates(bench: BenchmarkReport, fast: str, slow: str) -> str | None:
+    """``batch: speedup [lo-hi]`` per batch when ``fast`` beats ``slow`` at each one, else None."""
+    mine, theirs = bench.models.get(fast, {}), bench.models.get(slow, {})
+    sizes = sorted(set(mine) & set(theirs))
+    if not sizes or set(sizes) != set(theirs):
+        return None
+    parts = []
+    for bs in sizes:
+        a, b = mine[bs].round_medians_ms, theirs[bs].round_medians_ms
+        if len(a) < 2 or len(a) != len(b):
+            return None
+        sp = paired_speedup(a, b)
+        if sp.verdict is not Verdict.FASTER:
+            return None
+        parts.append(f"batch {bs}: {sp.text()}")
+    return "; ".join(parts)

@@ -21,6 +21,7 @@ from bladeflow.tasks.benchmark.select import (
     more_rounds,
     not_eligible_reason,
     select_candidate,
+    screen,
     simplicity,
 )
 from tests.benchmark.synthetic import rounds
@@ -185,3 +186,41 @@ def test_report_gives_finite_speedup_intervals_per_batch() -> None:
     ci = bench.speedup_ci("chosen", "source")
     assert set(ci) == {1}  # one round at batch 8: no interval to show
     assert 1.3 < ci[1][0] < 10 / 7 < ci[1][1] < 1.6
+
+
+def test_screening_drops_only_a_candidate_beaten_at_every_batch_size() -> None:
+    # setup: "slow" loses to "fused" at batch 1 and 32 (every round); "int8" wins at batch 1 but
+    # loses at 32, so nothing dominates it; the baseline is slowest but is never screened out
+    bench = _bench(
+        {
+            BASELINE: {1: _series(10.0, W1), 32: _series(100.0, W2)},
+            "fused": {1: _series(6.0, W2), 32: _series(60.0, W1)},
+            "slow": {1: _series(8.0, W1), 32: _series(80.0, W2)},
+            "int8": {1: _series(4.0, W1), 32: _series(90.0, W2)},
+        }
+    )
+    cands = [
+        _cand(BASELINE),
+        _cand("fused", "transformer_fusion"),
+        _cand("slow", "ort_graph"),
+        _cand("int8", "transformer_fusion", "int8_dynamic"),
+    ]
+    # execute
+    out = screen(cands, bench)
+    # assert
+    assert list(out) == ["slow"]
+    assert "fused was significantly faster at every batch size" in out["slow"]
+    assert "batch 1: x1.3" in out["slow"] and "batch 32: x1.3" in out["slow"]
+
+
+def test_screening_keeps_candidates_within_the_noise() -> None:
+    # setup: 200 seeded screening runs (5 rounds) of two equally fast candidates
+    rng = np.random.default_rng(11)
+    a_c, b_c = _cand("a", "ort_graph"), _cand("b", "ort_graph", "transformer_fusion")
+    dropped = 0
+    for _ in range(200):
+        a, b = rounds(rng, 1.0, n=5)
+        # execute
+        dropped += len(screen([a_c, b_c], _bench({"a": {1: a}, "b": {1: b}})))
+    # assert: at 95% per comparison and two comparisons, drops of a tied candidate stay rare
+    assert dropped / 200 <= 0.12
