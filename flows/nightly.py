@@ -67,6 +67,7 @@ class Plan(BaseModel):
     key: str
     inputs: dict[str, str]
     stored_key: str | None
+    stored_inputs: dict[str, str] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,6 +116,7 @@ def plan_task(settings: Settings, name: str, params: NightlyParams) -> Plan | st
         key=key,
         inputs=inputs,
         stored_key=model.tags.get(MODEL_TAG_KEY),
+        stored_inputs=_stored_inputs(model.tags.get(MODEL_TAG_INPUTS)),
     )
 
 
@@ -307,9 +309,24 @@ def _key_inputs(op: OptimizeParams) -> dict[str, str]:
 
 
 def _changed(plan: Plan) -> str:
+    """What differs from the last check, for the log and the reason: e.g. ``source_sha256``."""
     if plan.stored_key is None:
         return "first nightly check"
+    if plan.stored_key == plan.key:
+        return "nothing changed, forced check"
+    old = plan.stored_inputs or {}
+    parts = sorted(k for k, v in plan.inputs.items() if old.get(k) != v)
+    if old and parts:
+        return ", ".join(parts) + " changed since the last check"
     return "inputs differ from the last check (see tag " + MODEL_TAG_INPUTS + ")"
+
+
+def _stored_inputs(tag: str | None) -> dict[str, str] | None:
+    try:
+        value = json.loads(tag) if tag else None
+    except ValueError:  # truncated or hand-edited tag: the summary falls back to the generic line
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _release(deployment: str, name: str, version: str) -> bool:

@@ -16,6 +16,8 @@ from bladeflow.flows.nightly import (
     VERSION_TAG_KEY,
     ModelCheck,
     NightlyParams,
+    Plan,
+    _changed,
     Outcome,
     nightly_flow,
     summary_markdown,
@@ -108,9 +110,29 @@ def test_changed_source_is_reoptimized_and_a_faster_version_is_kept(
     checks = nightly_flow(lenient)
     # assert
     assert checks[0].outcome == Outcome.IMPROVED and checks[0].new_version == "3"
+    assert checks[0].reason.startswith("changed: source_sha256 changed since the last check")
     assert _versions(c, "mlp-kept") == ["1", "2", "3"]
     assert c.get_model_version("mlp-kept", "3").tags[VERSION_TAG_KEY] == checks[0].key
     assert str(c.get_model_version_by_alias("mlp-kept", registry.ALIAS_CANDIDATE).version) == "3"
+
+
+def test_a_forced_check_says_nothing_changed():
+    # setup: the plan's key equals the stored one (a forced re-check of an unchanged model)
+    inputs = {"source_sha256": "a", "search_space": "b", "tool_versions": "c", "hardware": "d"}
+    plan = Plan(
+        name="m",
+        current_version="1",
+        candidate_version=None,
+        params=OptimizeParams(source="m.onnx", name="m"),
+        key="k",
+        inputs=inputs,
+        stored_key="k",
+        stored_inputs=inputs,
+    )
+    # execute / assert
+    assert _changed(plan) == "nothing changed, forced check"
+    moved = plan.model_copy(update={"key": "k2", "inputs": {**inputs, "tool_versions": "z"}})
+    assert _changed(moved) == "tool_versions changed since the last check"
 
 
 def test_summary_lists_every_outcome():
