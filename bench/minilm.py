@@ -37,6 +37,42 @@ BATCHES = (1, 8, 32)
 VAL_SHORT, VAL_LONG = 120, 16  # validation samples: short sentences, 128-token texts
 
 Runner = Callable[[dict[str, np.ndarray]], np.ndarray]
+# bladeflow recipes shown as rows of their own (when built and passing), beside the chosen one.
+RECIPE_ROWS = (
+    "fused-int8-recovered-tuned",
+    "fused-smooth-int8-tuned",
+    "fused-smooth-int8-recovered-tuned",
+)
+_INT8_MATMULS = {
+    "MatMulInteger",
+    "QAttention",
+    "DynamicQuantizeMatMul",
+    "MatMulIntegerToFloat",
+    "QLinearMatMul",
+}
+
+
+def fp32_matmuls(path: str | Path) -> tuple[int, int]:
+    """(MatMul/Attention nodes with a weight still in fp32, all such weight-bearing nodes).
+
+    Quantized ones: ORT's int8 ops, or a MatMul whose weight comes from a DequantizeLinear (QDQ).
+    MatMuls of two activations (no weight initializer) are not candidates and are not counted.
+    """
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    inits = {i.name for i in graph.initializer}
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    fp32 = total = 0
+    for node in graph.node:
+        if node.op_type in _INT8_MATMULS:
+            total += 1
+        elif node.op_type in {"MatMul", "Gemm", "Attention"} and len(node.input) > 1:
+            if node.input[1] in dequantized:
+                total += 1
+            elif node.input[1] in inits:
+                fp32, total = fp32 + 1, total + 1
+    return fp32, total
 
 
 def model_dir() -> Path:
@@ -309,6 +345,12 @@ def main(argv: list[str] | None = None) -> int:
         work / "candidates",
     )
 
+    paths = {
+        "ort-default": source.path,
+        "peer-o2-fp32": peer_fp32.artifact.path,
+        "peer-o2-avx2-int8": peer.artifact.path,
+        f"bladeflow:{chosen_name}": chosen.artifact.path,
+    }
     variants: dict[str, Runner] = {
         "pytorch-eager": eager,
         "ort-default": ort_runner(source.path, SessionConfig()),
@@ -316,6 +358,13 @@ def main(argv: list[str] | None = None) -> int:
         "peer-o2-avx2-int8": ort_runner(peer.artifact.path, peer.session),
         f"bladeflow:{chosen_name}": ort_runner(chosen.artifact.path, chosen.session),
     }
+    for name in RECIPE_ROWS:
+        if name in passing and name != chosen_name:
+            paths[f"recipe:{name}"] = passing[name].artifact.path
+            variants[f"recipe:{name}"] = ort_runner(
+                passing[name].artifact.path, passing[name].session
+            )
+    kept = {name: fp32_matmuls(path) for name, path in paths.items()}
 
     # --- accuracy of every variant vs PyTorch eager ------------------------------------------
     accuracy = {}
@@ -327,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # --- latency, interleaved ------------------------------------------------------------------
     rounds = 3 if args.quick else 5
-    table = []
+    table: list[dict[str, Any]] = []
     for kind in ("short", "128tok"):
         for batch in BATCHES:
             if kind == "short":
@@ -354,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
                         "gflops_per_s": gflop / (value / 1000),
                         "sgemm_gflops": peak,
                         "peak_fraction": gflop / (value / 1000) / peak,
+                        "fp32_matmuls_kept": kept.get(name),
                     }
                 )
             log(f"{kind} b{batch}: " + ", ".join(f"{n} {v:.1f}ms" for n, v in ms.items()))
@@ -372,13 +422,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"\n{'texts':7} {'batch':>5}  {'variant':42} {'p50 ms':>9} {'x eager':>8} "
-        f"{'GFLOP/s':>8} {'%sgemm':>6}"
+        f"{'GFLOP/s':>8} {'%sgemm':>6} {'fp32 MatMuls kept':>17}"
     )
     for row in table:
+        fp32 = row["fp32_matmuls_kept"]
         print(
             f"{row['texts']:7} {row['batch']:5d}  {row['variant']:42} {row['p50_ms']:9.2f} "
             f"{row['speedup_vs_eager']:8.2f} {row['gflops_per_s']:8.1f} "
-            f"{100 * row['peak_fraction']:5.0f}%"
+            f"{100 * row['peak_fraction']:5.0f}% {f'{fp32[0]}/{fp32[1]}' if fp32 else '-':>17}"
         )
     sgemm = statistics.median(row["sgemm_gflops"] for row in table)
     print(
@@ -392,9 +443,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\nbladeflow candidates (gate vs the ONNX source on both validation sets):")
     for name, g in gate.items():
         lat = sel.models.get(name, {}).get(1)
+        fp32, total = fp32_matmuls(candidates[name].artifact.path)
         print(
             f"  {name:34} {'PASS' if g['passed'] else 'fail'}  min cos "
-            f"{g['min_cosine_to_onnx_source']:.5f}"
+            f"{g['min_cosine_to_onnx_source']:.5f}  fp32 MatMuls kept {fp32}/{total}"
             + (f"  b1 short p50 {lat.p50_ms:.2f} ms" if lat else "")
         )
     for name, why in plan.skipped.items():

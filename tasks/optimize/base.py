@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bladeflow.core.contract import (
     DataRef,
@@ -26,6 +26,7 @@ from bladeflow.core.contract import (
 from bladeflow.core.environment import tool_versions
 from bladeflow.core.errors import UserInputError
 from bladeflow.core.hashing import sha256_path
+from bladeflow.core.policy import TolerancePolicy, policy_from_tolerance
 
 PASSES: dict[str, type[OptimizationPass]] = {}
 
@@ -40,7 +41,9 @@ class PassContext(BaseModel):
     Attributes:
         data: The validation inputs (``.npz`` by input name).
         reference_path: ``.npz`` of the source model's outputs on ``data`` (the gate's reference).
-        tolerance: The accuracy gate every candidate must pass.
+        tolerance: The elementwise gate (used when ``policy`` is None; older callers).
+        policy: The gate's policy every candidate must pass (the run's accuracy budget):
+            accuracy recovery searches against exactly this.
         time_budget_s: Wall-clock budget for a pass's search (e.g. accuracy recovery).
     """
 
@@ -48,8 +51,13 @@ class PassContext(BaseModel):
 
     data: DataRef
     reference_path: str
-    tolerance: Tolerance
+    tolerance: Tolerance = Field(default_factory=Tolerance)
+    policy: TolerancePolicy | None = None
     time_budget_s: float = 300.0
+
+    def gate_policy(self) -> TolerancePolicy:
+        """The policy the final gate applies: ``policy``, else the one ``tolerance`` stands for."""
+        return self.policy or policy_from_tolerance(self.tolerance)
 
 
 class PassConfig(BaseModel):
@@ -191,6 +199,7 @@ def _load_builtin_passes() -> None:
         ort_graph,
         session,
         simplify,
+        smoothquant,
         tensorrt,
         transformer_fusion,
     )
