@@ -278,7 +278,10 @@ def _recorded_params(
     }
     if isinstance(value("batch_sizes"), list):
         fields["batch_sizes"] = value("batch_sizes")
-    if tolerance:
+    accuracy = run_params.get("accuracy")
+    if accuracy and accuracy != "elementwise":  # the budget the user stated (or 'auto')
+        fields["accuracy"] = accuracy
+    elif tolerance:  # --atol/--rtol/--min-cosine, or a run from before accuracy budgets
         fields["tolerance"] = Tolerance(**tolerance)
     return OptimizeParams(**{k: v for k, v in fields.items() if v is not None})
 
@@ -298,6 +301,8 @@ def _key_inputs(op: OptimizeParams) -> dict[str, str]:
         "objective": op.objective,
         "batch_sizes": op.batch_sizes,
         "tolerance": op.tolerance.model_dump(mode="json"),
+        # only when set, so the keys of models optimized before accuracy budgets stay the same
+        **({"accuracy": op.accuracy} if op.accuracy else {}),
         "data": sha256_path(op.data) if op.data and Path(op.data).exists() else op.data,
     }
     return {

@@ -30,6 +30,7 @@ _STAGE_OF = {
     "convert": "convert",
     "prepare-data": "prepare-data",
     "reference-outputs": "optimize",
+    "accuracy-budget": "optimize",
     "build-candidate": "optimize",
     "validate": "validate",
     "benchmark": "benchmark",

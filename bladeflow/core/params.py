@@ -10,6 +10,7 @@ from __future__ import annotations
 from pydantic import BaseModel, Field, field_validator
 
 from bladeflow.core import registry
+from bladeflow.core.budget import AccuracyBudget, OutputFacts, parse_budget
 from bladeflow.core.contract import BenchmarkReport, LatencyStats, Tolerance
 from bladeflow.core.errors import UserInputError
 from bladeflow.core.policy import TolerancePolicy, policy_from_tolerance
@@ -109,11 +110,22 @@ class OptimizeParams(BaseModel):
     recovery_budget_s: float = Field(
         300.0, ge=0, description="time budget of accuracy recovery (mixed precision) per recipe"
     )
-    tolerance: Tolerance = Field(default_factory=Tolerance)
+    accuracy: str | None = Field(
+        None,
+        description="accuracy budget, e.g. 'cosine>=0.99' (embeddings), "
+        "'argmax>=0.995,prob_drift<=0.02' (classifiers), 'similarity:abs<=0.02', "
+        "'decision>=0.99@0.5', 'metric_drop<=0.005' (labels), 'auto'. Unset: 'auto' (the default "
+        "for each output's kind) unless `tolerance` or `policy` is given",
+    )
+    tolerance: Tolerance = Field(
+        default_factory=Tolerance,
+        description="elementwise gate (atol/rtol/min_cosine); given explicitly, it replaces the "
+        "default budget",
+    )
     policy: TolerancePolicy | None = Field(
         None,
         description="full gate policy (presets, per-output overrides, task metric limit); "
-        "overrides `tolerance`",
+        "overrides `accuracy` and `tolerance`",
     )
     bench: BenchParams = Field(default_factory=BenchParams)
     benchmark_work_pool: str | None = Field(
@@ -157,8 +169,30 @@ class OptimizeParams(BaseModel):
         Objective.parse(v)
         return v
 
-    def effective_policy(self) -> TolerancePolicy:
-        """The gate policy: ``policy`` when given, else the one ``tolerance`` stands for."""
+    @field_validator("accuracy")
+    @classmethod
+    def _accuracy(cls, v: str | None) -> str | None:
+        return None if v is None else parse_budget(v).text()
+
+    def accuracy_budget(self) -> AccuracyBudget | None:
+        """The budget the gate uses, or None when ``policy`` or an explicit ``tolerance`` does.
+
+        ``accuracy`` when given; else, unless ``policy`` or ``tolerance`` was given, ``auto``.
+        """
+        if self.policy is not None:
+            return None
+        if self.accuracy is not None:
+            return parse_budget(self.accuracy)
+        if "tolerance" in self.model_fields_set:
+            return None
+        return AccuracyBudget()
+
+    def effective_policy(self, outputs: dict[str, OutputFacts] | None = None) -> TolerancePolicy:
+        """The gate policy: ``policy`` when given, else the budget's on a model with ``outputs``
+        (what each output is; without them, its general limits), else ``tolerance``'s."""
+        budget = self.accuracy_budget()
+        if budget is not None:
+            return budget.to_policy(outputs)
         return self.policy or policy_from_tolerance(self.tolerance)
 
 
@@ -220,6 +254,28 @@ class ReleaseParams(BaseModel):
         if not v or any(not u.startswith(("http://", "https://")) for u in v):
             raise ValueError("endpoints must be one or more http(s):// base URLs of serving")
         return v
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials(cls, v: str | None) -> str | None:
+        return no_password(v)
+
+
+class TuneParams(BaseModel):
+    """Parameters of the serving tuner (``bladeflow tune-serving``, the tune task of the flows)."""
+
+    name: str = Field(description="registered model name")
+    version: str = Field(description="version number or alias to tune")
+    slo_p99_ms: float = Field(100.0, gt=0, description="p99 latency a sustained rate must keep")
+    budget_s: float = Field(300.0, ge=30, description="time for the whole search, source included")
+    target_qps: float = Field(1000.0, gt=0, description="rate the capacity numbers plan for")
+    source: bool = Field(True, description="also tune the unoptimized source, for 'saved %'")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI override")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return registry.check_model_name(v)
 
     @field_validator("tracking_uri")
     @classmethod

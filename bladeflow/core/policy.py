@@ -21,8 +21,10 @@ class OutputTolerance(BaseModel):
     """How far one output may be from the source, judged per sample.
 
     A sample passes when every element satisfies ``|cand - src| <= atol + rtol * |src|`` (skipped
-    when ``atol`` is None), its cosine similarity to the source is ``>= min_cosine``, and, for
-    classifier outputs, the fraction of samples whose argmax agrees is ``>= min_top1_agreement``.
+    when ``atol`` is None), its cosine similarity to the source is ``>= min_cosine`` (skipped when
+    None), and its largest class-probability change after softmax is ``<= max_prob_drift``; over
+    the samples, the share whose argmax agrees must be ``>= min_top1_agreement`` (classifiers) and
+    the share whose decision ``value >= decision_threshold`` agrees ``>= min_decision_agreement``.
     String outputs (class labels) are judged by equality only: the fraction of samples whose label
     equals the source's must be ``>= min_label_agreement``; the numeric fields do not apply.
     """
@@ -33,10 +35,27 @@ class OutputTolerance(BaseModel):
         1e-4, ge=0, description="absolute error per element; None: unchecked"
     )
     rtol: float = Field(1e-3, ge=0, description="error relative to |source| per element")
-    min_cosine: float = Field(0.999, ge=-1, le=1, description="lowest per-sample cosine")
+    min_cosine: float | None = Field(
+        0.999, ge=-1, le=1, description="lowest per-sample cosine; None: unchecked"
+    )
     min_top1_agreement: float | None = Field(
         None, ge=0, le=1, description="share of samples whose argmax must agree (classifiers)"
     )
+    max_prob_drift: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="largest change of any class probability per sample, after softmax over the "
+        "last axis (outputs that already are probabilities are taken as they are); classifiers",
+    )
+    min_decision_agreement: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="share of samples whose decision (value >= decision_threshold, every "
+        "element of the sample) must agree with the source's (scores, matchers)",
+    )
+    decision_threshold: float = Field(0.5, description="the decision is value >= this")
     min_label_agreement: float = Field(
         1.0,
         ge=0,
@@ -45,6 +64,28 @@ class OutputTolerance(BaseModel):
     )
     top_k: int = Field(5, ge=1, description="k of the top-k overlap column in the table")
     mostly: float = Field(1.0, gt=0, le=1, description="share of samples that must pass")
+
+    def tightened(self, keep: float) -> OutputTolerance:
+        """This tolerance with only ``keep`` (0..1] of each allowance: what a search aims for
+        so that the gate still passes on inputs it did not see (``keep=0.7``: cosine 0.99 ->
+        0.993, argmax 0.99 -> 0.993, abs 0.02 -> 0.014)."""
+
+        def share(v: float | None) -> float | None:
+            return None if v is None else 1.0 - (1.0 - v) * keep
+
+        return self.model_copy(
+            update={
+                "atol": None if self.atol is None else self.atol * keep,
+                "rtol": self.rtol * keep,
+                "min_cosine": share(self.min_cosine),
+                "min_top1_agreement": share(self.min_top1_agreement),
+                "max_prob_drift": None
+                if self.max_prob_drift is None
+                else self.max_prob_drift * keep,
+                "min_decision_agreement": share(self.min_decision_agreement),
+                "min_label_agreement": share(self.min_label_agreement),
+            }
+        )
 
 
 class MetricLimit(BaseModel):
@@ -73,9 +114,24 @@ class TolerancePolicy(BaseModel):
         description="outputs holding class scores (argmax/top-k are measured and gated); None: "
         "2-D outputs whose name says so (logits, probs, probabilities, scores, classes)",
     )
+    budget: str | None = Field(
+        None,
+        description="the accuracy budget (--accuracy) this policy was made from, per output "
+        "once resolved; None: an explicit tolerance or policy",
+    )
 
     def for_output(self, name: str) -> OutputTolerance:
         return self.outputs.get(name, self.default)
+
+    def tightened(self, keep: float) -> TolerancePolicy:
+        """Every output's tolerance with only ``keep`` of its allowance (see
+        :meth:`OutputTolerance.tightened`); accuracy recovery aims inside the gate with it."""
+        return self.model_copy(
+            update={
+                "default": self.default.tightened(keep),
+                "outputs": {n: t.tightened(keep) for n, t in self.outputs.items()},
+            }
+        )
 
     def is_classifier(self, name: str) -> bool:
         """Whether argmax/top-k agreement means something for output ``name``."""

@@ -20,9 +20,9 @@ from bladeflow.core.contract import (
     SessionConfig,
     Signature,
     TensorSpec,
-    Tolerance,
 )
 from bladeflow.core.environment import hardware
+from bladeflow.core.policy import TolerancePolicy
 from bladeflow.tasks.optimize.base import (
     OptimizationPass,
     PassConfig,
@@ -41,8 +41,9 @@ from bladeflow.tasks.optimize.int8_static import (
     quantize_static_file,
     require_ops,
 )
-from bladeflow.tasks.validate.accuracy import compare, predict
+from bladeflow.tasks.validate.accuracy import predict
 from bladeflow.tasks.validate.data import Dataset
+from bladeflow.tasks.validate.gate import judge
 
 # Builds a candidate into `output` with `excluded` node names kept in fp32, or, when `only` is
 # given, with only those nodes converted.
@@ -62,8 +63,9 @@ class MixedPrecisionConfig(PassConfig):
     # run: dynamic int8 error grows with it); measured: quantize each node alone and gate it
     # (exact but one quantization + inference per node).
     sensitivity: Literal["activation_range", "measured"] = "activation_range"
-    # Aim this share inside the gate (e.g. 0.3: min cosine 0.99 -> 0.993, atol/rtol x0.7): the
-    # search fits the validation samples, and unseen inputs (longer texts) land a bit worse.
+    # Aim this share inside the gate (e.g. 0.3: min cosine 0.99 -> 0.993, atol/rtol/abs/
+    # prob_drift x0.7, agreement 0.99 -> 0.993): the search fits the validation samples, and
+    # unseen inputs (longer texts) land a bit worse.
     margin: float = Field(0.3, ge=0.0, lt=1.0)
 
 
@@ -86,16 +88,18 @@ def model_signature(model: onnx.ModelProto) -> Signature:
 
 
 class _Gate:
-    """Runs a model file on (a subset of) the data and compares it with the reference."""
+    """Runs a model file on (a subset of) the data and judges it with the gate's own limits."""
 
-    def __init__(self, signature: Signature, data: Dataset, reference: Dataset, tol: Tolerance):
-        self.signature, self.data, self.reference, self.tol = signature, data, reference, tol
+    def __init__(
+        self, signature: Signature, data: Dataset, reference: Dataset, policy: TolerancePolicy
+    ):
+        self.signature, self.data, self.reference, self.policy = signature, data, reference, policy
         self.evaluations = 0
         self.parent: _Gate | None = None
 
     def subset(self, idx: np.ndarray) -> _Gate:
         pick = lambda d: {k: v[idx] for k, v in d.items()}  # noqa: E731
-        sub = _Gate(self.signature, pick(self.data), pick(self.reference), self.tol)
+        sub = _Gate(self.signature, pick(self.data), pick(self.reference), self.policy)
         sub.parent = self
         return sub
 
@@ -112,7 +116,7 @@ class _Gate:
             provenance=Provenance(source=str(path)),
         )
         outputs = predict(artifact, SessionConfig(), self.data)
-        return compare(path.stem, outputs, self.reference, self.tol, False), outputs
+        return judge(path.stem, outputs, self.reference, self.policy), outputs
 
 
 def badness(report: AccuracyReport) -> tuple[int, float]:
@@ -123,14 +127,23 @@ def badness(report: AccuracyReport) -> tuple[int, float]:
 
 
 def per_sample_cosine(outputs: Dataset, reference: Dataset) -> np.ndarray:
-    """Worst cosine over outputs, per sample."""
-    worst: np.ndarray | None = None
+    """Per sample, how far the worst numeric output moved (higher: worse).
+
+    1 - cosine for outputs with several values per sample; for one value per sample (a score,
+    where a per-sample cosine is only its sign) the absolute error over the source's spread.
+    """
+    worst = np.zeros(next(iter(reference.values())).shape[0]) if reference else np.zeros(0)
     for name, ref in reference.items():
-        a = outputs[name].reshape(ref.shape[0], -1).astype(np.float64)
-        b = ref.reshape(ref.shape[0], -1).astype(np.float64)
-        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)
-        worst = cos if worst is None else np.minimum(worst, cos)
-    assert worst is not None
+        if ref.dtype.kind != "f":
+            continue
+        a = np.nan_to_num(outputs[name].reshape(ref.shape[0], -1).astype(np.float64))
+        b = np.nan_to_num(ref.reshape(ref.shape[0], -1).astype(np.float64))
+        if b.shape[1] == 1:
+            bad = np.abs(a - b)[:, 0] / (float(b.std()) + 1e-12)
+        else:
+            norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30
+            bad = 1.0 - (a * b).sum(1) / norms
+        worst = np.maximum(worst, bad)
     return worst
 
 
@@ -219,12 +232,8 @@ class MixedPrecision(OptimizationPass):
             data = {k: npz[k] for k in npz.files}
         with np.load(context.reference_path, allow_pickle=False) as npz:
             reference = {k: npz[k] for k in npz.files}
-        tol, keep = context.tolerance, 1.0 - self.config.margin
-        target = Tolerance(
-            atol=tol.atol * keep,
-            rtol=tol.rtol * keep,
-            min_cosine=1.0 - (1.0 - tol.min_cosine) * keep,
-        )
+        # The same limits as the final gate, each with `margin` of its allowance held back.
+        target = context.gate_policy().tightened(1.0 - self.config.margin)
         gate = _Gate(signature, data, reference, target)
         build = self._builder(data)
         nodes = [n.name for n in model.graph.node if n.op_type in self.config.op_types and n.name]
@@ -251,8 +260,8 @@ class MixedPrecision(OptimizationPass):
             ranking: list[tuple[float, str]] = []
             if not report.passed and nodes:
                 # Rank on the samples the full attempt got worst: that is where the error is.
-                cos = per_sample_cosine(outputs, reference)
-                worst = np.argsort(cos)[: self.config.probe_samples]
+                moved = per_sample_cosine(outputs, reference)
+                worst = np.argsort(-moved)[: self.config.probe_samples]
                 probe = gate.subset(worst)
                 if self.config.sensitivity == "measured":
                     for node in nodes:
@@ -271,7 +280,7 @@ class MixedPrecision(OptimizationPass):
         self._details = {
             "precision": self.config.precision,
             "passed_gate": passed,
-            "target_tolerance": target.model_dump(),
+            "target_policy": target.model_dump(mode="json"),
             "fp32_nodes": excluded,
             "candidate_nodes": len(nodes),
             "sensitivity_top": [n for _, n in sorted(ranking, reverse=True)[:10]],

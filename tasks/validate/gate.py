@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     import pandas as pd
 
 _HUGE = 1e300  # stands for an infinite error in the table (GX and JSON dislike inf)
+PROB_DRIFT = "prob_drift"  # per sample: largest |p_candidate - p_source| over the classes
+DECISION_AGREE = "decision_agree"  # per sample: 1.0 when value >= threshold agrees everywhere
 
 
 @dataclass
@@ -69,7 +71,9 @@ def error_table(
     Measures: ``max_abs_error``, ``max_rel_error`` (where |source| > 1e-6), ``cosine``,
     ``bound_ratio`` (max over elements of error / (atol + rtol*|source|): <= 1 means within),
     and for classifier outputs (``policy.is_classifier``, 2-D, >= 2 columns) ``top1_agree`` (0/1)
-    and ``topk_overlap`` (0..1).
+    and ``topk_overlap`` (0..1). When the output's tolerance limits them: ``prob_drift`` (2-D:
+    largest change of a class probability after softmax) and ``decision_agree`` (0/1: whether
+    ``value >= decision_threshold`` agrees with the source on every element of the sample).
     A NaN on one side only counts as an infinite error.
     String outputs (class labels) have no numeric distance: their only column is
     ``label_agree`` (1.0 when every element of the sample equals the source's, else 0.0).
@@ -103,7 +107,15 @@ def error_table(
         columns[f"{name}.max_rel_error"] = _finite(rel.max(axis=1, initial=0.0))
         columns[f"{name}.bound_ratio"] = _finite(ratio.max(axis=1, initial=0.0))
         columns[f"{name}.cosine"] = cosine_rows(np.nan_to_num(a), np.nan_to_num(b))
-        if ref.ndim == 2 and ref.shape[1] >= 2 and policy.is_classifier(name):
+        classes = ref.ndim == 2 and ref.shape[1] >= 2
+        if classes and tol.max_prob_drift is not None:
+            drift = np.abs(_probabilities(a) - _probabilities(b)).max(axis=1, initial=0.0)
+            columns[f"{name}.{PROB_DRIFT}"] = _finite(drift)
+        if tol.min_decision_agreement is not None:
+            t = tol.decision_threshold
+            agree = ((np.nan_to_num(a, nan=-np.inf) >= t) == (b >= t)).all(axis=1)
+            columns[f"{name}.{DECISION_AGREE}"] = agree.astype(np.float64)
+        if classes and policy.is_classifier(name):
             k = min(tol.top_k, ref.shape[1])
             top_a = np.argsort(-np.nan_to_num(a, nan=-np.inf), axis=1)[:, :k]
             top_b = np.argsort(-np.nan_to_num(b, nan=-np.inf), axis=1)[:, :k]
@@ -111,6 +123,144 @@ def error_table(
             overlap = [len(set(x) & set(y)) / k for x, y in zip(top_a, top_b, strict=True)]
             columns[f"{name}.topk_overlap"] = np.asarray(overlap, dtype=np.float64)
     return pd.DataFrame(columns)
+
+
+@dataclass(frozen=True)
+class Limit:
+    """One limit of the gate on a column of the error table.
+
+    ``each``: the column is within [min_value, max_value] on at least ``mostly`` of the samples;
+    ``mean``: the column's mean (an agreement share) is at least ``min_value``. The GX suite
+    (:func:`gate_checks`) and the numpy judge (:func:`judge`, used by accuracy recovery) both
+    read these, so the search and the gate apply the same budget.
+    """
+
+    output: str
+    column: str
+    kind: str  # "each" | "mean"
+    text: str
+    min_value: float | None = None
+    max_value: float | None = None
+    mostly: float = 1.0
+
+    def holds(self, table: pd.DataFrame) -> bool:
+        if self.column not in table:
+            return False
+        values = table[self.column].to_numpy(dtype=np.float64)
+        if not len(values):
+            return True
+        if self.kind == "mean":
+            return bool(values.mean() >= (self.min_value or 0.0))
+        return bool(self.within(values).mean() >= self.mostly)
+
+    def within(self, values: np.ndarray) -> np.ndarray:
+        """Per sample: inside the limit (``mean`` limits: the sample agrees)."""
+        if self.kind == "mean":
+            return values >= 1.0
+        ok = np.ones(len(values), dtype=bool)
+        if self.min_value is not None:
+            ok &= values >= self.min_value
+        if self.max_value is not None:
+            ok &= values <= self.max_value
+        return ok
+
+    def measured(self, table: pd.DataFrame) -> str:
+        """What the candidate reached on this limit, for the reason of a failure."""
+        values = table[self.column].to_numpy(dtype=np.float64)
+        if self.kind == "mean":
+            return f"{self.text}: {values.mean():.4g}"
+        worst = values.min() if self.min_value is not None else values.max()
+        outside = int((~self.within(values)).sum())
+        return f"{self.text}: worst {worst:.6g}, {outside}/{len(values)} samples outside"
+
+    def check(self) -> Check:
+        if self.kind == "mean":
+            return Check(
+                self.text,
+                "ExpectColumnMeanToBeBetween",
+                {"column": self.column, "min_value": self.min_value},
+            )
+        kwargs: dict[str, object] = {"column": self.column, "mostly": self.mostly}
+        if self.min_value is not None:
+            kwargs["min_value"] = self.min_value
+        if self.max_value is not None:
+            kwargs["max_value"] = self.max_value
+        return Check(self.text, "ExpectColumnValuesToBeBetween", kwargs)
+
+
+def output_limits(name: str, tol: OutputTolerance, table: pd.DataFrame) -> list[Limit]:
+    """The limits ``tol`` sets on numeric output ``name`` (its columns in ``table``)."""
+    share = "for every sample" if tol.mostly >= 1 else f"for >= {tol.mostly:.3%} of samples"
+    limits: list[Limit] = []
+    if tol.atol is not None:
+        bound = (
+            f"{tol.atol:g}" if tol.rtol == 0 else f"atol {tol.atol:g} + rtol {tol.rtol:g}*|source|"
+        )
+        limits.append(
+            Limit(
+                name,
+                f"{name}.bound_ratio",
+                "each",
+                f"{name}: |candidate - source| <= {bound} {share}",
+                max_value=1.0,
+                mostly=tol.mostly,
+            )
+        )
+    if tol.min_cosine is not None:
+        limits.append(
+            Limit(
+                name,
+                f"{name}.cosine",
+                "each",
+                f"{name}: cosine >= {tol.min_cosine:g} {share}",
+                min_value=tol.min_cosine,
+                mostly=tol.mostly,
+            )
+        )
+    if tol.max_prob_drift is not None and f"{name}.{PROB_DRIFT}" in table:
+        limits.append(
+            Limit(
+                name,
+                f"{name}.{PROB_DRIFT}",
+                "each",
+                f"{name}: class probabilities move by <= {tol.max_prob_drift:g} {share}",
+                max_value=tol.max_prob_drift,
+                mostly=tol.mostly,
+            )
+        )
+    if tol.min_top1_agreement is not None and f"{name}.top1_agree" in table:
+        limits.append(
+            Limit(
+                name,
+                f"{name}.top1_agree",
+                "mean",
+                f"{name}: argmax agrees with the source on >= {tol.min_top1_agreement:.4g} of "
+                "samples",
+                min_value=tol.min_top1_agreement,
+            )
+        )
+    if tol.min_decision_agreement is not None:
+        limits.append(
+            Limit(
+                name,
+                f"{name}.{DECISION_AGREE}",
+                "mean",
+                f"{name}: decision (>= {tol.decision_threshold:g}) agrees with the source on >= "
+                f"{tol.min_decision_agreement:.4g} of samples",
+                min_value=tol.min_decision_agreement,
+            )
+        )
+    return limits
+
+
+def gate_limits(table: pd.DataFrame, outputs: list[str], policy: TolerancePolicy) -> list[Limit]:
+    """Every limit of the gate on numeric outputs (label outputs are judged by agreement)."""
+    return [
+        lim
+        for name in outputs
+        if f"{name}.{LABEL_AGREE}" not in table
+        for lim in output_limits(name, policy.for_output(name), table)
+    ]
 
 
 def gate_checks(table: pd.DataFrame, outputs: list[str], policy: TolerancePolicy) -> list[Check]:
@@ -128,7 +278,6 @@ def gate_checks(table: pd.DataFrame, outputs: list[str], policy: TolerancePolicy
         if f"{name}.{LABEL_AGREE}" in table:
             checks += _label_checks(name, tol)
             continue
-        share = "for every sample" if tol.mostly >= 1 else f"for >= {tol.mostly:.3%} of samples"
         checks.append(
             Check(
                 f"{name}: no NaN in the error table",
@@ -136,31 +285,7 @@ def gate_checks(table: pd.DataFrame, outputs: list[str], policy: TolerancePolicy
                 {"column": f"{name}.cosine"},
             )
         )
-        if tol.atol is not None:
-            checks.append(
-                Check(
-                    f"{name}: |candidate - source| <= atol {tol.atol:g} + rtol {tol.rtol:g}"
-                    f"*|source| {share}",
-                    "ExpectColumnValuesToBeBetween",
-                    {"column": f"{name}.bound_ratio", "max_value": 1.0, "mostly": tol.mostly},
-                )
-            )
-        checks.append(
-            Check(
-                f"{name}: cosine >= {tol.min_cosine:g} {share}",
-                "ExpectColumnValuesToBeBetween",
-                {"column": f"{name}.cosine", "min_value": tol.min_cosine, "mostly": tol.mostly},
-            )
-        )
-        if tol.min_top1_agreement is not None and f"{name}.top1_agree" in table:
-            checks.append(
-                Check(
-                    f"{name}: argmax agrees with the source on >= {tol.min_top1_agreement:.4g} of "
-                    "samples",
-                    "ExpectColumnMeanToBeBetween",
-                    {"column": f"{name}.top1_agree", "min_value": tol.min_top1_agreement},
-                )
-            )
+        checks += [lim.check() for lim in output_limits(name, tol, table)]
     return checks
 
 
@@ -236,19 +361,8 @@ def accuracy_gate(
                     f"differ; first: {first_difference(outputs[name], reference[name])})"
                 )
             continue
-        if acc.failing_samples:
-            tol = policy.for_output(name)
-            bound = (
-                f"atol {tol.atol:g} + rtol {tol.rtol:g}*|source|; "
-                if tol.atol is not None
-                else "elementwise error not judged; "
-            )
-            reasons.append(
-                f"output {name!r}: {acc.failing_samples}/{acc.samples} samples outside tolerance "
-                f"(max abs error {acc.max_abs_error:.3g}, max rel error {acc.max_rel_error:.3g} vs "
-                f"{bound}min cosine {acc.min_cosine:.6f} vs {tol.min_cosine}; "
-                f"mostly {tol.mostly:g})"
-            )
+        if why := output_reason(table, name, acc, policy.for_output(name)):
+            reasons.append(why)
     if not suite.success:
         reasons.append("failed expectations: " + suite.failed_names())
     if metric is not None and not metric.passed:
@@ -267,6 +381,61 @@ def accuracy_gate(
         synthetic_data=synthetic_data,
     )
     return GateOutcome(report=report, table=table, suite=suite, metric=metric)
+
+
+def output_reason(table: pd.DataFrame, name: str, acc: OutputAccuracy, tol: OutputTolerance) -> str:
+    """Why numeric output ``name`` fails ``tol`` ("" when it passes): what each broken limit
+    measured, after the errors every report shows."""
+    failed = [lim for lim in output_limits(name, tol, table) if not lim.holds(table)]
+    if not failed:
+        return ""
+    # The broken limits first: consoles cut long reasons short.
+    return (
+        f"output {name!r}: {acc.failing_samples}/{acc.samples} samples outside tolerance ("
+        + "; ".join(lim.measured(table).removeprefix(f"{name}: ") for lim in failed)
+        + (f"; mostly {tol.mostly:g}" if tol.mostly < 1 else "")
+        + f"; max abs error {acc.max_abs_error:.3g}, max rel error {acc.max_rel_error:.3g}, "
+        f"min cosine {acc.min_cosine:.6f})"
+    )
+
+
+def judge(
+    candidate: str,
+    outputs: dict[str, np.ndarray],
+    reference: dict[str, np.ndarray],
+    policy: TolerancePolicy,
+) -> AccuracyReport:
+    """The gate's verdict without the GX suite (same limits, numpy only), for searches that
+    judge many attempts (accuracy recovery). The task metric is not judged (no labels)."""
+    problems = [
+        f"output {n!r} has shape {outputs[n].shape if n in outputs else '(missing)'}, "
+        f"source {r.shape}"
+        for n, r in reference.items()
+        if n not in outputs or outputs[n].shape != r.shape
+    ]
+    compared = [n for n in reference if n in outputs and outputs[n].shape == reference[n].shape]
+    table = error_table(
+        {n: outputs[n] for n in compared}, {n: reference[n] for n in compared}, policy
+    )
+    per_output = {n: _summary(table, n, policy.for_output(n)) for n in compared}
+    reasons = problems + source_nonfinite(reference)
+    for name, acc in per_output.items():
+        tol = policy.for_output(name)
+        if f"{name}.{LABEL_AGREE}" in table:
+            if acc.mean_cosine < tol.min_label_agreement:
+                reasons.append(
+                    f"output {name!r}: label agreement {acc.mean_cosine:.4f} < "
+                    f"{tol.min_label_agreement:g}"
+                )
+        elif why := output_reason(table, name, acc, tol):
+            reasons.append(why)
+    return AccuracyReport(
+        candidate=candidate,
+        passed=not reasons,
+        outputs=per_output,
+        reason="; ".join(reasons),
+        synthetic_data=False,
+    )
 
 
 def source_nonfinite(reference: dict[str, np.ndarray]) -> list[str]:
@@ -368,9 +537,9 @@ def _summary(table: pd.DataFrame, name: str, tol: OutputTolerance) -> OutputAccu
     if f"{name}.{LABEL_AGREE}" in table:
         return label_accuracy(table[f"{name}.{LABEL_AGREE}"].to_numpy())
     cos = table[f"{name}.cosine"].to_numpy()
-    ok = cos >= tol.min_cosine
-    if tol.atol is not None:
-        ok &= table[f"{name}.bound_ratio"].to_numpy() <= 1.0
+    ok = np.ones(len(cos), dtype=bool)
+    for lim in output_limits(name, tol, table):
+        ok &= lim.within(table[lim.column].to_numpy(dtype=np.float64))
     n = len(table)
     return OutputAccuracy(
         max_abs_error=float(table[f"{name}.max_abs_error"].max()) if n else 0.0,
@@ -380,6 +549,17 @@ def _summary(table: pd.DataFrame, name: str, tol: OutputTolerance) -> OutputAccu
         samples=n,
         failing_samples=int((~ok).sum()),
     )
+
+
+def _probabilities(x: np.ndarray) -> np.ndarray:
+    """Rows as class probabilities: kept when they already are (in [0, 1], summing to 1), else
+    softmax. Rows are compared in their own form, so both sides take the same path."""
+    x = np.nan_to_num(x, nan=0.0, posinf=1e300, neginf=-1e300)
+    if x.size and x.min() >= 0 and x.max() <= 1 and np.allclose(x.sum(axis=1), 1.0, atol=1e-3):
+        return x
+    z = x - x.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
 
 
 def _rows(x: np.ndarray) -> np.ndarray:

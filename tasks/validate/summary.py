@@ -73,6 +73,8 @@ def candidate_rows(
             decision = f"skipped here: {acc.reason}"
         elif not acc.passed:
             decision = f"rejected: {acc.reason}"
+        elif bench and name not in bench.models and acc.reason:
+            decision = f"passed the gate, {acc.reason}"  # e.g. screened out before the full run
         elif bench and (why := bench.slower_than(name, "baseline", skip=[objective_batch])):
             decision = f"passed the gate, not eligible: {why}"
         else:

@@ -16,9 +16,10 @@ from bladeflow.flows.nightly import (
     VERSION_TAG_KEY,
     ModelCheck,
     NightlyParams,
+    Outcome,
     Plan,
     _changed,
-    Outcome,
+    _recorded_params,
     nightly_flow,
     summary_markdown,
 )
@@ -162,3 +163,18 @@ def test_must_beat_naming_no_version_is_a_usage_error_before_any_work(settings: 
         resolve_version(settings, "m-empty", "champion")
     with pytest.raises(UserInputError, match="must_beat='7'"):
         resolve_version(settings, "m-empty", "7")
+
+
+def test_recorded_accuracy_budget_is_what_the_nightly_rerun_gates_with(settings: Settings):
+    # setup: the params an optimize run logs with --accuracy, with defaults, and with --atol
+    base = {"tolerance.atol": "0.0001", "tolerance.rtol": "0.001", "tolerance.min_cosine": "0.999"}
+    stated = {**base, "accuracy": "cosine>=0.99"}
+    exact = {**base, "accuracy": "elementwise"}
+    # execute
+    a = _recorded_params(stated, "m.onnx", "m", settings)
+    b = _recorded_params(exact, "m.onnx", "m", settings)
+    c = _recorded_params(base, "m.onnx", "m", settings)  # a run from before accuracy budgets
+    # assert
+    assert a.accuracy == "cosine>=0.99" and a.accuracy_budget() is not None
+    assert b.accuracy is None and b.accuracy_budget() is None  # the elementwise tolerance
+    assert c.accuracy_budget() is None and c.tolerance.atol == 0.0001
