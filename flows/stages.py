@@ -27,6 +27,12 @@ from bladeflow.core.errors import UserInputError
 from bladeflow.core.params import BenchParams, Objective, OptimizeParams
 from bladeflow.core.policy import DataPolicy, TolerancePolicy
 from bladeflow.core.settings import Settings
+from bladeflow.tasks.benchmark.baseline import (
+    candidate_threads,
+    plan_source,
+    settle,
+    torch_threads_kept,
+)
 from bladeflow.tasks.benchmark.incumbent import download_version
 from bladeflow.tasks.benchmark.latency import BenchmarkSettings, MoreRounds, benchmark
 from bladeflow.tasks.benchmark.select import more_rounds
@@ -39,6 +45,7 @@ from bladeflow.tasks.convert.dispatch import (
 from bladeflow.tasks.convert.verify import run_source
 from bladeflow.tasks.optimize.base import PassContext
 from bladeflow.tasks.optimize.recipes import Recipe, build_candidate
+from bladeflow.tasks.optimize.session import physical_cores
 from bladeflow.tasks.register import mlflow_registry as reg
 from bladeflow.tasks.register.run_report import SOURCE
 from bladeflow.tasks.validate.accuracy import REFERENCE_SESSION, predict
@@ -62,9 +69,12 @@ class Decision(BaseModel):
     objective: Objective
     incumbent: str | None = None
     min_speedup: float = 1.0
+    planned_rounds: int | None = None  # set when rounds are added until decided (sequential)
 
     def more_rounds(self) -> MoreRounds:
-        return more_rounds(self.passing, self.objective, self.incumbent, self.min_speedup)
+        return more_rounds(
+            self.passing, self.objective, self.incumbent, self.min_speedup, self.planned_rounds
+        )
 
 
 def convert_options(params: OptimizeParams) -> ConvertOptions:
@@ -174,27 +184,39 @@ def benchmark_task(
 ) -> tuple[BenchmarkReport, str]:
     """Time the source (in its own framework when it has one) and every passing candidate.
 
+    The source runs as it is served (``bladeflow.tasks.benchmark.baseline``): a traced graph for
+    TensorFlow/Keras, with the eager call timed beside it as ``source-eager``; PyTorch under
+    ``inference_mode`` with the candidates' intra-op thread count. The returned text states it.
+
     With ``decide``, rounds are added (up to ``settings.extra_seconds``) while the decision it
     describes is not yet significant either way.
     """
     runner = open_source_runner(source, options, model)
     models = dict(candidates)
-    runners = {}
+    arrays = read_data(data)
+    plan = None
     if runner is not None:
-        runners[SOURCE] = runner
-        source_runtime = runner.name
+        threads = candidate_threads((c for _, c in candidates.values()), physical_cores())
+        plan = plan_source(runner, arrays, threads)
+        if plan.note:
+            get_run_logger().warning("benchmark: %s", plan.note)
     else:
         models = {SOURCE: (model, SessionConfig()), **models}
-        source_runtime = "onnxruntime (default session)"
-    report = benchmark(
-        models,
-        read_data(data),
-        batch_sizes,
-        BenchmarkSettings(**settings.model_dump()),
-        progress=get_run_logger().info,
-        runners=runners,
-        more=decide.more_rounds() if decide else None,
-    )
+    with torch_threads_kept():
+        report = benchmark(
+            models,
+            arrays,
+            batch_sizes,
+            BenchmarkSettings(**settings.model_dump()),
+            progress=get_run_logger().info,
+            runners=plan.runners if plan else None,
+            more=decide.more_rounds() if decide else None,
+        )
+    if plan is None:
+        return report, "onnxruntime (default session)"
+    report = settle(report, plan)
+    source_runtime = report.baseline.text() if report.baseline else plan.source
+    get_run_logger().info("benchmark: baseline is %s", source_runtime)
     return report, source_runtime
 
 

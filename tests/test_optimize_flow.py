@@ -56,6 +56,7 @@ def test_flow_registers_the_chosen_model_with_schema_tags(
     assert mv.tags[registry.TAG_VALIDATED] == "true"
     assert mv.tags[registry.TAG_SOURCE] == str(src.resolve())
     assert len(mv.tags[registry.TAG_SOURCE_SHA256]) == 64
+    assert mv.tags[registry.TAG_BASELINE] == "onnxruntime (default session)"
     recipe = json.loads(mv.tags[registry.TAG_RECIPE])
     assert recipe[0]["name"] == "convert.onnx" and recipe[-1]["name"] == registry.RUNTIME_STEP
     hw = json.loads(mv.tags[registry.TAG_HARDWARE])

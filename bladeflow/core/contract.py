@@ -186,6 +186,53 @@ class LatencyStats(BaseModel):
     )
 
 
+class SourceBaseline(BaseModel):
+    """What the benchmark's ``source`` latency (every speedup's denominator) ran.
+
+    The source framework the way it is served: a traced graph for TensorFlow/Keras, PyTorch under
+    ``inference_mode`` with the candidates' thread count. Where the framework also has an eager
+    path that differs, it is timed too (label ``source-eager``) and ``source`` holds, at each batch
+    size, the faster of the two.
+    """
+
+    source: str = Field(description="what ran as 'source' (the served path, unless refused)")
+    eager: str = Field("", description="what ran as 'source-eager'; empty when not timed")
+    eager_faster: list[int] = Field(
+        default_factory=list,
+        description="batch sizes where the eager path was faster, so 'source' holds its timing",
+    )
+    served_p50_ms: dict[int, float] = Field(
+        default_factory=dict, description="p50 of the served path per batch size"
+    )
+    eager_p50_ms: dict[int, float] = Field(
+        default_factory=dict, description="p50 of the eager path per batch size (when timed)"
+    )
+    threads: int | None = Field(None, description="intra-op threads asked of the framework")
+    note: str = Field("", description="e.g. why the served path was not used")
+
+    def text(self) -> str:
+        """One line for the console, the report and the ``bladeflow.baseline`` tag."""
+        parts = [self.source]
+        if self.eager:
+            ratios = ", ".join(
+                f"{self.eager_p50_ms[b] / self.served_p50_ms[b]:.2f}x at batch {b}"
+                for b in sorted(self.eager_p50_ms)
+                if self.served_p50_ms.get(b)
+            )
+            parts.append(
+                f"eager path ({self.eager}) timed as 'source-eager': its latency is {ratios} "
+                "the served path's"
+            )
+        if self.eager_faster:
+            parts.append(
+                f"eager was faster at batch {', '.join(map(str, self.eager_faster))}: the "
+                "baseline there is eager"
+            )
+        if self.note:
+            parts.append(self.note)
+        return "; ".join(parts)
+
+
 class BenchmarkReport(BaseModel):
     """Latency per model (source and candidates) per batch size, measured in one interleaved run."""
 
@@ -193,6 +240,9 @@ class BenchmarkReport(BaseModel):
     skipped_batch_sizes: dict[int, str] = Field(default_factory=dict)
     shapes: dict[str, list[int]] = Field(
         default_factory=dict, description="input shapes at batch 1"
+    )
+    baseline: SourceBaseline | None = Field(
+        None, description="what ran as 'source' (None: the ONNX graph in ONNX Runtime)"
     )
 
     def speedup_ci(self, new: str, old: str) -> dict[int, tuple[float, float]]:
@@ -209,7 +259,8 @@ class BenchmarkReport(BaseModel):
             a, b = mine.round_medians_ms, base.round_medians_ms if base else []
             if len(a) >= 2 and len(a) == len(b):
                 sp = paired_speedup(a, b)
-                out[bs] = (round(sp.lo, 4), round(sp.hi, 4))
+                # 4 significant digits: a tiny low end (few, noisy rounds) must not become 0
+                out[bs] = (float(f"{sp.lo:.4g}"), float(f"{sp.hi:.4g}"))
         return out
 
     def slower_than(
@@ -306,4 +357,17 @@ class OptimizeResult(BaseModel):
     )
     incumbent_speedup_ci: tuple[float, float] | None = Field(
         None, description="95% interval of incumbent_speedup; registered only if low >= min"
+    )
+    baseline: str = Field(
+        "",
+        description="what the 'source' latency (the speedup's denominator) ran: the source "
+        "framework as it is served (also the version tag bladeflow.baseline)",
+    )
+    source_eager_ms: dict[int, LatencyStats] = Field(
+        default_factory=dict,
+        description="batch size -> latency of the source framework's eager path, where it has "
+        "one besides the served path (reported, not the baseline unless it was faster)",
+    )
+    speedup_vs_eager: dict[int, float] = Field(
+        default_factory=dict, description="batch size -> eager p50 / chosen p50 (where timed)"
     )

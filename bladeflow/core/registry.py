@@ -24,8 +24,15 @@ TAG_CANDIDATE = "bladeflow.candidate"  # name of the winning recipe
 TAG_SYNTHETIC = "bladeflow.synthetic_data"  # "true" when accuracy was judged on synthetic inputs
 TAG_OPTIMIZE_PARAMS = "bladeflow.optimize_params"  # JSON of the flow parameters, for re-runs
 TAG_TOOL_VERSIONS = "bladeflow.tool_versions"  # JSON: versions of every tool that made it
+# What the speedup is measured against: the source framework as it is served (e.g. a Keras
+# model through a traced tf.function), with the eager latency when that was timed too.
+TAG_BASELINE = "bladeflow.baseline"
 
 TAG_NIGHTLY_KEY = "bladeflow.nightly_key"  # cache key of the nightly run that produced it
+# JSON: the serving configuration `bladeflow tune-serving` chose (SERVING_CONFIG_KEYS, plus what it
+# was judged on: slo_p99_ms, sustained_qps, tuned_at); `bladeflow serve` runs the version with it
+# unless a flag says otherwise.
+TAG_SERVING_CONFIG = "bladeflow.serving_config"
 
 # Run tags (the optimize run in experiment `bladeflow`, nested candidate runs, release runs).
 RUN_TAG_OUTCOME = "bladeflow.outcome"  # an Outcome value
@@ -93,3 +100,34 @@ def session_from_recipe(recipe: str) -> SessionConfig:
         if step.get("name") == RUNTIME_STEP:
             return SessionConfig(**step.get("config", {}))
     return SessionConfig()
+
+
+# The `bladeflow serve` settings a `bladeflow.serving_config` tag may set, with their types.
+SERVING_CONFIG_KEYS: dict[str, type] = {
+    "max_batch_size": int,
+    "batch_timeout_ms": float,
+    "max_queue_size": int,
+    "workers": int,
+    "intra_op_threads": int,
+}
+
+
+def serving_config_from_tag(value: str | None) -> dict[str, int | float]:
+    """The serve settings in a ``bladeflow.serving_config`` tag value ({} when absent).
+
+    Unknown keys (what the tuner measured) are dropped; a malformed tag raises ValueError, so the
+    server reports it instead of silently running a different configuration.
+    """
+    if not value:
+        return {}
+    doc = json.loads(value)
+    if not isinstance(doc, dict):
+        raise ValueError(f"{TAG_SERVING_CONFIG} must be a JSON object, got {type(doc).__name__}")
+    out: dict[str, int | float] = {}
+    for key, kind in SERVING_CONFIG_KEYS.items():
+        if key in doc:
+            number = kind(doc[key])
+            if number < (0 if key in {"batch_timeout_ms", "intra_op_threads"} else 1):
+                raise ValueError(f"{TAG_SERVING_CONFIG}: {key}={doc[key]!r} is out of range")
+            out[key] = number
+    return out

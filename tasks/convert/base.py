@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import zipfile
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -33,6 +34,37 @@ class SourceRunner(Protocol):
     name: str
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+SERVED = "served"  # the path a production service runs (graph function, inference_mode, ...)
+EAGER = "eager"  # the framework's eager call, where it differs from the served path
+
+
+@dataclass(frozen=True)
+class SourcePath:
+    """One way of running the source model for timing.
+
+    ``kind`` is :data:`SERVED` or :data:`EAGER`; ``description`` says what runs, in words that go
+    into the report and the version's ``bladeflow.baseline`` tag.
+    """
+
+    kind: str
+    description: str
+    call: Callable[[dict[str, np.ndarray]], Any]
+
+
+def timing_paths(runner: SourceRunner, threads: int | None = None) -> list[SourcePath]:
+    """The ways to time ``runner``: the served path first, then the eager one where it differs.
+
+    A runner whose framework has a served path distinct from its reference call (Keras: a traced
+    ``tf.function`` next to ``model(x)``) or thread settings (PyTorch) defines
+    ``timing_paths(threads)``; any other runner is timed as it computes the reference. ``threads``
+    is the intra-op thread count the ONNX candidates run with, for frameworks that can match it.
+    """
+    own = getattr(runner, "timing_paths", None)
+    if callable(own):
+        return list(own(threads))
+    return [SourcePath(SERVED, runner.name, runner)]
 
 
 @dataclass
@@ -152,6 +184,7 @@ def load_converters() -> dict[str, type[Converter]]:
         keras_source,
         mlflow_source,
         onnx_source,
+        seq2seq_source,
         sklearn_source,
         tf_source,
         torch_callable_source,

@@ -13,7 +13,13 @@ from bladeflow.core.contract import ModelArtifact
 from bladeflow.core.errors import ModelFileError
 from bladeflow.tasks.convert.base import Converter, Export, SourceRunner, check_size, check_zip
 from bladeflow.tasks.convert.errors import missing_framework
-from bladeflow.tasks.convert.tf_common import TFRunner, convert_function, import_tf, input_specs
+from bladeflow.tasks.convert.tf_common import (
+    GraphCall,
+    TFRunner,
+    convert_function,
+    import_tf,
+    input_specs,
+)
 
 if TYPE_CHECKING:
     from bladeflow.tasks.convert.dispatch import ConvertOptions
@@ -129,13 +135,29 @@ class KerasConverter(Converter):
 
 
 def _runner(model: Any, inputs: list[str], outputs: list[str]) -> TFRunner:
+    """The reference is the eager call (the model's own output, exactly); the served path is the
+    same call traced once as a graph, which is how a Keras model is served (``model.export()``
+    writes a SavedModel whose signature is such a graph)."""
+
     def call(feeds: dict[str, Any]) -> dict[str, Any]:
         args = [feeds[n] for n in inputs]
         result = model(args if len(args) > 1 else args[0], training=False)
         flat = result if isinstance(result, list | tuple) else [result]
         return {n: v.numpy() for n, v in zip(outputs, flat, strict=True)}
 
-    return TFRunner(call, "keras")
+    def graph(*args: Any) -> dict[str, Any]:
+        result = model(list(args) if len(args) > 1 else args[0], training=False)
+        flat = result if isinstance(result, list | tuple) else [result]
+        return dict(zip(outputs, flat, strict=True))
+
+    tf = import_tf("Keras")
+    specs = [
+        tf.TensorSpec(list(i.shape), tf.as_dtype(i.dtype), name=n)
+        for n, i in zip(inputs, model.inputs, strict=True)
+    ]
+    return TFRunner(
+        call, "keras", served=GraphCall(tf, graph, specs), description="model(x, training=False)"
+    )
 
 
 def _first_line(exc: BaseException) -> str:

@@ -13,6 +13,7 @@ import onnx
 from bladeflow.tasks.convert.errors import ConversionError, missing_framework
 
 if TYPE_CHECKING:
+    from bladeflow.tasks.convert.base import SourcePath
     from bladeflow.tasks.convert.dispatch import ConvertOptions
 
 DEFAULT_OPSET = 17
@@ -87,12 +88,76 @@ def name_dims(model: onnx.ModelProto, options: ConvertOptions) -> None:
 
 
 class TFRunner:
-    """Calls a TensorFlow callable on numpy inputs; outputs mapped to the ONNX names."""
+    """Calls a TensorFlow callable on numpy inputs; outputs mapped to the ONNX names.
 
-    def __init__(self, call: Callable[[dict[str, Any]], dict[str, Any]], name: str):
+    ``call`` computes the reference outputs (the model's own, exactly). ``served`` -- where the
+    reference is an eager call -- is the same model as a TensorFlow service runs it: a graph
+    function traced once (:class:`GraphCall`). Timing prefers the served path; the eager one is
+    timed beside it. Without ``served``, ``call`` is itself what a service runs (a SavedModel
+    signature is a graph ``ConcreteFunction``).
+    """
+
+    def __init__(
+        self,
+        call: Callable[[dict[str, Any]], dict[str, Any]],
+        name: str,
+        served: GraphCall | None = None,
+        description: str = "",
+    ):
         self.name = name
         self._call = call
+        self.served = served
+        self.description = description or name
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = self._call(feeds)
         return {k: np.asarray(v) for k, v in out.items()}
+
+    def timing_paths(self, threads: int | None = None) -> list[SourcePath]:
+        """Served path first (graph), then eager where the reference call is eager.
+
+        ``threads`` is not applied: TensorFlow fixes its thread pools when its runtime starts (the
+        convert stage already started it), so TF runs with its defaults (all logical cores).
+        """
+        from bladeflow.tasks.convert.base import EAGER, SERVED, SourcePath
+
+        if self.served is None:
+            return [SourcePath(SERVED, f"{self.description}, TF default threads", self)]
+        served = self.served
+        return [
+            SourcePath(SERVED, f"{self.name} {served.description}, TF default threads", served),
+            SourcePath(EAGER, f"{self.name} eager ({self.description})", self),
+        ]
+
+
+class GraphCall:
+    """A model traced once into a TensorFlow graph, called on numpy feeds by input name.
+
+    ``function`` is the ``tf.function`` (with an input signature whose batch dim is None, so one
+    trace serves every batch size) and ``concrete`` its single ``ConcreteFunction`` -- the same
+    kind of object a SavedModel's serving signature is, called directly so no per-call
+    signature matching is timed either.
+    """
+
+    description = "tf.function (graph, traced once per input signature; as a SavedModel serves)"
+
+    def __init__(self, tf: Any, fn: Callable[..., Any], specs: list[Any]):
+        self.names = [str(s.name) for s in specs]
+        self._dtypes = [s.dtype.as_numpy_dtype for s in specs]
+        self.function = tf.function(fn, input_signature=specs)
+        self._concrete: Any = None
+
+    @property
+    def concrete(self) -> Any:
+        """The traced graph; traced on first use, so loading the model for its reference
+        outputs never pays for (or fails on) tracing."""
+        if self._concrete is None:
+            self._concrete = self.function.get_concrete_function()
+        return self._concrete
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+        args = [
+            np.asarray(feeds[n], dtype=d) for n, d in zip(self.names, self._dtypes, strict=True)
+        ]
+        out = self.concrete(*args)
+        return {k: v.numpy() for k, v in out.items()}

@@ -73,19 +73,32 @@ class SavedModelConverter(Converter):
 
         out = workdir / "exported.onnx"
         config = convert_function(call, specs, out, options, self.format)
-        config["signature"] = options.signature or DEFAULT_SIGNATURE
-        return Export(onnx_path=out, runner=_runner(loaded, fn), config=config)
+        config["signature"] = signature_name(options)
+        return Export(
+            onnx_path=out, runner=_runner(loaded, fn, signature_name(options)), config=config
+        )
 
     def open_runner(
         self, source: str, options: ConvertOptions, artifact: ModelArtifact
     ) -> SourceRunner | None:
         loaded, fn = load_signature(Path(source), options.signature)
-        return _runner(loaded, fn)
+        return _runner(loaded, fn, signature_name(options))
 
 
-def _runner(loaded: Any, fn: Any) -> TFRunner:
+def signature_name(options: ConvertOptions) -> str:
+    return options.signature or DEFAULT_SIGNATURE
+
+
+def _runner(loaded: Any, fn: Any, signature: str) -> TFRunner:
+    """A serving signature is a graph ``ConcreteFunction``: the reference and the served path are
+    one and the same call, so there is no eager path to time beside it."""
+
     def call(feeds: dict[str, Any]) -> dict[str, Any]:
         _ = loaded  # the signature's variables live as long as the loaded object
         return {k: v.numpy() for k, v in fn(**feeds).items()}
 
-    return TFRunner(call, "tensorflow")
+    return TFRunner(
+        call,
+        "tensorflow",
+        description=f"tensorflow SavedModel signature {signature!r} (graph ConcreteFunction)",
+    )

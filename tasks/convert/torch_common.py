@@ -19,6 +19,7 @@ from bladeflow.tasks.convert.errors import ConversionError, missing_framework
 from bladeflow.tasks.convert.torch_fastpath import register_fastpath_symbolics
 
 if TYPE_CHECKING:
+    from bladeflow.tasks.convert.base import SourcePath
     from bladeflow.tasks.convert.dispatch import ConvertOptions
 
 DEFAULT_OPSET = 17
@@ -69,8 +70,17 @@ def output_names_for(value: Any) -> list[str]:
     return ["output"] if len(flat) == 1 else [f"output_{i}" for i in range(len(flat))]
 
 
+_SERVED_AS = {
+    "pytorch-eager": "pytorch nn.Module",
+    "pytorch-export": "pytorch torch.export program (graph module)",
+    "torchscript": "torchscript module as loaded (already compiled)",
+}
+
+
 class TorchRunner:
-    """Runs a torch module in eager (or TorchScript) mode on numpy inputs."""
+    """Runs a torch module in eager (or TorchScript) mode on numpy inputs, under
+    ``torch.inference_mode()`` -- how a PyTorch service runs a model (no autograd bookkeeping).
+    """
 
     def __init__(
         self,
@@ -93,6 +103,28 @@ class TorchRunner:
         with torch.inference_mode():
             flat = flatten_outputs(self._call(self._module, args))
         return {n: t.detach().cpu().numpy() for n, t in zip(self._outputs, flat, strict=True)}
+
+    def timing_paths(self, threads: int | None = None) -> list[SourcePath]:
+        """One path: the module under ``inference_mode`` with ``threads`` intra-op threads (the
+        ONNX candidates' count), so the comparison is not threads against threads. There is no
+        separate eager path: this is the served one (TorchScript and torch.export modules are
+        already compiled graphs)."""
+        import torch
+
+        from bladeflow.tasks.convert.base import SERVED, SourcePath
+
+        count = threads or torch.get_num_threads()
+        what = _SERVED_AS.get(self.name, self.name)
+
+        def timed(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            # torch's thread count is process-wide: others (the reference run, another model)
+            # may change it between calls, so it is checked on every call (a cheap read).
+            if torch.get_num_threads() != count:
+                torch.set_num_threads(count)
+            return self(feeds)
+
+        threads_text = f"{count} thread{'' if count == 1 else 's'}"
+        return [SourcePath(SERVED, f"{what} under inference_mode, {threads_text}", timed)]
 
 
 def export_module(

@@ -37,6 +37,7 @@ from bladeflow.tasks.validate.report import RunResults, write_report
 from bladeflow.tasks.validate.summary import pareto_plot
 
 SOURCE = "source"  # the source model's label in the benchmark and the reports
+SOURCE_EAGER = "source-eager"  # the source's eager path, where it is timed beside the served one
 _ACCURACY_KEYS = ("max_abs_error", "max_rel_error", "min_cosine", "mean_cosine")
 
 
@@ -112,6 +113,7 @@ def optimize_result(
     """The result ``bladeflow optimize --json`` prints (version filled in at registration)."""
     src, opt = bench.models[SOURCE], bench.models[chosen.name]
     ci = bench.speedup_ci(chosen.name, SOURCE)
+    eager = bench.models.get(SOURCE_EAGER, {})
     return OptimizeResult(
         name=params.name,
         version="pending",
@@ -131,6 +133,11 @@ def optimize_result(
         source_runtime=source_runtime,
         synthetic_data=data.synthetic,
         stages=stages,
+        baseline=bench.baseline.text() if bench.baseline else source_runtime,
+        source_eager_ms=eager,
+        speedup_vs_eager=_speedups(eager, opt, bench.speedup_ci(chosen.name, SOURCE_EAGER))
+        if eager
+        else {},
     )
 
 
@@ -150,9 +157,14 @@ def _speedups(
 
 
 def version_tags(
-    params: OptimizeParams, model: ModelArtifact, chosen: Candidate, data: DataRef
+    params: OptimizeParams,
+    model: ModelArtifact,
+    chosen: Candidate,
+    data: DataRef,
+    baseline: str = "",
 ) -> dict[str, str]:
-    """The registry schema's version tags (bladeflow.core.registry) for the chosen candidate."""
+    """The registry schema's version tags (bladeflow.core.registry) for the chosen candidate;
+    ``baseline`` is what the speedup was measured against (``OptimizeResult.baseline``)."""
     source = params.source
     if Path(source).exists():
         source = str(Path(source).resolve())
@@ -169,6 +181,7 @@ def version_tags(
             :5000
         ],
         registry.TAG_TOOL_VERSIONS: json.dumps(tool_versions(), sort_keys=True),
+        registry.TAG_BASELINE: baseline[:5000],
     }
 
 
