@@ -7,6 +7,7 @@ through :func:`answer`, the one place where an exception becomes its HTTP answer
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import hmac
@@ -18,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from bladeflow.serving import heap
 from bladeflow.serving.endpoints import Call, Endpoints
 from bladeflow.serving.errors import Unauthorized, as_serving_error, error_response
 from bladeflow.serving.fleet import Fleet
@@ -74,6 +76,7 @@ def build_app(
     *,
     token: str | None = None,
     max_body_bytes: int = 8 << 20,
+    freeze_heap: bool = False,
 ) -> Starlette:
     """The server's ASGI app over ``fleet``.
 
@@ -82,6 +85,9 @@ def build_app(
         metrics: Where requests are counted.
         token: Require ``Authorization: Bearer TOKEN`` on every route but health and the docs.
         max_body_bytes: Largest infer request body (413 above).
+        freeze_heap: Exempt the long-lived heap from garbage collection at start-up and after
+            each version change (see :mod:`bladeflow.serving.heap`): the server process sets
+            it; an app inside someone else's process (tests) leaves their collector alone.
     """
     api = Endpoints(fleet, metrics, max_body_bytes=max_body_bytes)
     auth = BearerAuth(token) if token else None
@@ -96,10 +102,18 @@ def build_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        keeper = None
+        if freeze_heap:
+            heap.freeze()  # everything is imported; nothing is loaded or served yet
         fleet.start()
+        if freeze_heap:
+            keeper = asyncio.get_running_loop().create_task(heap.keep_frozen(fleet))
         try:
             yield
         finally:
+            if keeper is not None:
+                keeper.cancel()
+                await asyncio.gather(keeper, return_exceptions=True)
             await fleet.close()
 
     model = "/v2/models/{name}"

@@ -1,8 +1,9 @@
 """Dynamic batching: merge queued requests along the batch axis, run once, split the outputs.
 
 ``merge`` and ``split`` are pure functions; :class:`Batcher` is the asyncio loop that forms batches
-(up to ``max_batch_size`` rows, waiting at most ``timeout_s`` after the first request) and runs
-them on a thread pool, at most ``workers`` batches at a time per model version.
+of one shape group each, oldest request first (up to ``max_batch_size`` rows, waiting at most
+``timeout_s`` after the oldest request arrived) and runs them on a thread pool, at most
+``workers`` batches at a time per model version.
 """
 
 from __future__ import annotations
@@ -72,24 +73,21 @@ def merge(
     for name in requests[0]:
         arrays = [req[name] for req in requests]
         meta = metas[name]
-        if paddable(meta):
-            target = np.max([a.shape for a in arrays], axis=0)
-            for span, arr in zip(spans, arrays, strict=True):
-                for axis in range(1, arr.ndim):
-                    symbol = meta.shape[axis]
-                    if isinstance(symbol, str):
-                        span.lengths[symbol] = int(arr.shape[axis])
-            arrays = [
-                a
-                if tuple(a.shape[1:]) == tuple(target[1:])
-                else np.pad(
-                    a,
-                    [(0, 0)]
-                    + [(0, int(t - s)) for s, t in zip(a.shape[1:], target[1:], strict=True)],
-                )
-                for a in arrays
-            ]
-        feeds[name] = np.concatenate(arrays, axis=0)
+        inner = {a.shape[1:] for a in arrays}
+        if len(inner) == 1 or not paddable(meta):
+            feeds[name] = np.concatenate(arrays, axis=0)
+            continue
+        target = tuple(max(dims) for dims in zip(*inner, strict=True))
+        for span, arr in zip(spans, arrays, strict=True):
+            for axis in range(1, arr.ndim):
+                symbol = meta.shape[axis]
+                if isinstance(symbol, str):
+                    span.lengths[symbol] = int(arr.shape[axis])
+        # One zero-filled array, each request copied into its corner: no per-request np.pad.
+        merged = np.zeros((row, *target), dtype=arrays[0].dtype)
+        for span, arr in zip(spans, arrays, strict=True):
+            merged[(slice(span.start, span.stop), *(slice(0, n) for n in arr.shape[1:]))] = arr
+        feeds[name] = merged
     return feeds, spans
 
 
@@ -119,17 +117,13 @@ def split(
     return results
 
 
-def _pad_to(arr: np.ndarray, target: np.ndarray) -> np.ndarray:
-    widths = [(0, int(t) - int(s)) for s, t in zip(arr.shape, target, strict=True)]
-    widths[0] = (0, 0)
-    return arr if not any(w for _, w in widths) else np.pad(arr, widths)
-
-
 @dataclass
 class _Item:
     inputs: dict[str, np.ndarray]
     rows: int
     future: asyncio.Future[Outputs]
+    key: tuple  # group_key: items of one key can share a batch
+    enqueued: float  # loop.time() at submit
 
 
 class ModelQueue:
@@ -149,16 +143,25 @@ class ModelQueue:
 class Batcher:
     """Forms batches for one model version and runs them on ``executor``.
 
+    Every batch holds requests of one group (:func:`group_key`) and is led by the oldest waiting
+    request: its group's requests join it in arrival order, up to ``max_batch_size`` rows, and
+    the others keep their place. So no group can starve another (a batch never picks "the
+    fullest group"), and requests of different shapes never fragment one batch into several
+    runs. A batch leaves when it is full or when its oldest request has waited ``timeout_s``
+    since it arrived (not since a worker became free: a request that waited through the
+    previous batch does not wait again).
+
     Args:
         predict: Runs one merged batch (called in a worker thread).
         metas: The model inputs, for merging.
         output_shapes: Output shapes with dim symbols, for trimming padded axes.
         queue: The model's bounded queue counter.
         max_batch_size: Rows per batch at most (1 disables batching).
-        timeout_s: How long the first request of a batch waits for more.
+        timeout_s: How long the oldest request of a batch waits for more.
         workers: Batches of this version that run at the same time.
         executor: Thread pool the batches run on.
         on_batch: Called with (rows, seconds) after each batch ran.
+        on_queue_wait: Called with each request's seconds from submit to its batch leaving.
     """
 
     def __init__(
@@ -173,6 +176,7 @@ class Batcher:
         workers: int,
         executor: Executor,
         on_batch: Callable[[int, float], None] | None = None,
+        on_queue_wait: Callable[[float], None] | None = None,
     ):
         self._predict = predict
         self._metas = metas
@@ -183,7 +187,9 @@ class Batcher:
         self._slots = asyncio.Semaphore(max(1, workers))
         self._executor = executor
         self._on_batch = on_batch
+        self._on_queue_wait = on_queue_wait
         self._items: collections.deque[_Item] = collections.deque()
+        self._rows_by_key: collections.Counter[tuple] = collections.Counter()
         self._wakeup = asyncio.Event()
         self._closing = False
         self._running: set[asyncio.Task[None]] = set()
@@ -200,8 +206,11 @@ class Batcher:
         if bounded and self._queue.depth >= self._queue.limit:
             raise QueueFull
         rows = int(next(iter(inputs.values())).shape[0])
-        fut: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
-        self._items.append(_Item(inputs, rows, fut))
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Outputs] = loop.create_future()
+        key = group_key(inputs, self._metas)
+        self._items.append(_Item(inputs, rows, fut, key, loop.time()))
+        self._rows_by_key[key] += rows
         self._queue.add(1)
         self._wakeup.set()
         return fut
@@ -217,26 +226,18 @@ class Batcher:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await self._slots.acquire()
+            await self._slots.acquire()  # form the batch only once it can run: it grows meanwhile
             while not self._items:
                 if self._closing:
                     self._slots.release()
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            batch = [self._items.popleft()]
-            rows = batch[0].rows
-            deadline = loop.time() + self._timeout
-            while rows < self._max:
-                if self._items:
-                    if rows + self._items[0].rows > self._max:
-                        break
-                    item = self._items.popleft()
-                    batch.append(item)
-                    rows += item.rows
-                    continue
+            head = self._items[0]
+            deadline = head.enqueued + self._timeout
+            while self._rows_by_key[head.key] < self._max and not self._closing:
                 remaining = deadline - loop.time()
-                if remaining <= 0 or self._closing:
+                if remaining <= 0:
                     break
                 self._wakeup.clear()
                 try:
@@ -244,36 +245,72 @@ class Batcher:
                         await self._wakeup.wait()
                 except TimeoutError:
                     break
+            batch = self._take(head.key)
+            now = loop.time()
             self._queue.add(-len(batch))
             live = [item for item in batch if not item.future.done()]  # drop timed-out ones
+            if self._on_queue_wait:
+                for item in live:
+                    self._on_queue_wait(now - item.enqueued)
             if not live:
                 self._slots.release()
                 continue
-            task = loop.create_task(self._execute(live))
+            # Submit here, not from a new task: the worker starts at once, even while the event
+            # loop still writes the previous batch's answers.
+            running = loop.run_in_executor(self._executor, self._run, live)
+            task = loop.create_task(self._finish(live, running))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    async def _execute(self, batch: list[_Item]) -> None:
-        loop = asyncio.get_running_loop()
+    def _take(self, key: tuple) -> list[_Item]:
+        """Remove the oldest items of group ``key`` (the head's), up to the row limit.
+
+        The head always goes, even alone over the limit. The group's first request that does not
+        fit ends the batch (no overtaking within a group); the rest keep their order.
+        """
+        batch: list[_Item] = []
+        kept: collections.deque[_Item] = collections.deque()
+        rows = 0
+        while self._items and rows < self._max:
+            item = self._items[0]
+            if item.key == key:
+                if batch and rows + item.rows > self._max:
+                    break
+                batch.append(item)
+                rows += item.rows
+            else:
+                kept.append(item)
+            self._items.popleft()
+        kept.extend(self._items)
+        self._items = kept
+        self._rows_by_key[key] -= rows
+        if self._rows_by_key[key] <= 0:
+            del self._rows_by_key[key]
+        return batch
+
+    async def _finish(self, items: list[_Item], running: asyncio.Future[list[Outputs]]) -> None:
+        released = False
         try:
-            groups: dict[tuple, list[_Item]] = {}
-            for item in batch:
-                groups.setdefault(group_key(item.inputs, self._metas), []).append(item)
-            for items in groups.values():
-                try:
-                    results = await loop.run_in_executor(self._executor, self._run, items)
-                except Exception as exc:  # noqa: BLE001 - handed to the requests, not hidden
-                    if len(items) > 1:  # one bad request must not fail its batch neighbours
-                        for item in items:
-                            await self._run_alone(item)
-                        continue
-                    _fail(items, exc)
-                    continue
-                for item, out in zip(items, results, strict=True):
-                    if not item.future.done():
-                        item.future.set_result(out)
-        finally:
+            try:
+                results = await running
+            except Exception as exc:  # noqa: BLE001 - handed to the requests, not hidden
+                if len(items) > 1:  # one bad request must not fail its batch neighbours
+                    for item in items:
+                        await self._run_alone(item)
+                    return
+                _fail(items, exc)
+                return
+            # Free the worker before handing out the answers: the batcher's wake-up is queued
+            # ahead of the handlers', so the next batch is submitted before the event loop
+            # spends its time encoding these answers (JSON of every output, per request).
             self._slots.release()
+            released = True
+            for item, out in zip(items, results, strict=True):
+                if not item.future.done():
+                    item.future.set_result(out)
+        finally:
+            if not released:
+                self._slots.release()
 
     async def _run_alone(self, item: _Item) -> None:
         loop = asyncio.get_running_loop()

@@ -41,6 +41,14 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
+        self.queue_wait = Histogram(
+            "bladeflow_queue_wait_seconds",
+            "Time a request waited from being queued until its batch left for ONNX Runtime "
+            "(request duration minus this is decode, run and encode).",
+            ["model", "version"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.inference_duration = Histogram(
             "bladeflow_inference_duration_seconds",
             "Time of one ONNX Runtime run (one batch).",

@@ -32,6 +32,8 @@ class ServerConfig:
     poll_interval_s: float = 10.0
     drain_timeout_s: float = 30.0
     log_level: str = "info"
+    pinned: tuple[tuple[str, str], ...] = ()  # (model, version) served instead of the aliases
+    explicit: frozenset[str] = frozenset()  # serve settings given as flags (beat the version tag)
 
 
 def make_app(settings: Settings, names: list[str], options: ServeOptions, config: ServerConfig):  # type: ignore[no-untyped-def]
@@ -45,10 +47,20 @@ def make_app(settings: Settings, names: list[str], options: ServeOptions, config
     mlflow.set_tracking_uri(settings.tracking_uri)
     mlflow.set_registry_uri(settings.registry_uri)
     client = mlflow_client(settings)
-    check_champions(client, names)
+    check_champions(client, names, dict(config.pinned))
     metrics = Metrics()
-    fleet = Fleet(client, names, options, metrics, poll_interval_s=config.poll_interval_s)
-    return build_app(fleet, metrics, token=config.token, max_body_bytes=config.max_body_bytes)
+    fleet = Fleet(
+        client,
+        names,
+        options,
+        metrics,
+        poll_interval_s=config.poll_interval_s,
+        pinned=dict(config.pinned),
+        explicit=config.explicit,
+    )
+    return build_app(
+        fleet, metrics, token=config.token, max_body_bytes=config.max_body_bytes, freeze_heap=True
+    )
 
 
 def is_loopback(host: str) -> bool:

@@ -19,6 +19,7 @@ class Result:
     p99_ms: float
     ok: int
     errors: int
+    mean_ms: float = float("nan")
 
 
 async def _drive(
@@ -60,6 +61,7 @@ async def _drive(
         p99_ms=float(np.percentile(lat, 99)),
         ok=len(latencies),
         errors=errors,
+        mean_ms=float(np.mean(lat)),
     )
 
 

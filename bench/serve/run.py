@@ -6,7 +6,13 @@ several concurrencies, A/B interleaved over rounds (medians), then a batching sw
 
 Without --home it exports all-MiniLM-L6-v2, registers it through ``bladeflow optimize`` in a
 temp BLADEFLOW_HOME and makes that version the champion. The machine is shared: only the ratios
-of one run mean anything.
+of one run mean anything. Short cells make p99 the few slowest requests of a cell: for tail
+latency use cells of 10 s or more.
+
+Before/after a serving change, A B A B in one run: ``--baseline-src DIR`` also serves the model
+from another source tree (e.g. ``git archive HEAD | tar -x -C DIR``) as ``before-batch``, with the
+same flags as ``bladeflow-batch``; ``--targets`` keeps only the named targets, e.g.
+``--targets mlflow-serve,bladeflow-batch,before-batch --concurrency 32 --sweep ""``.
 """
 
 from __future__ import annotations
@@ -152,12 +158,14 @@ def mlflow_body(feeds: dict[str, np.ndarray]) -> bytes:
 
 
 class Proc:
-    def __init__(self, cmd: list[str], env: dict[str, str], ready_url: str, log: Path):
+    def __init__(
+        self, cmd: list[str], env: dict[str, str], ready_url: str, log: Path, cwd: Path = ROOT
+    ):
         self.ready_url = ready_url
         self.log = log
         with log.open("w") as out:
             self.proc = subprocess.Popen(
-                cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+                cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT
             )
 
     def wait_ready(self, timeout: float = 240) -> None:
@@ -183,8 +191,9 @@ class Proc:
 
 
 def bladeflow_server(
-    env: dict[str, str], name: str, logdir: Path, label: str, **opts: Any
+    env: dict[str, str], name: str, logdir: Path, label: str, src: Path = ROOT, **opts: Any
 ) -> tuple[Proc, str]:
+    """``bladeflow serve`` from the source tree ``src`` (``python -m`` imports the cwd's first)."""
     port = free_port()
     cmd = [
         str(BIN / "python"),
@@ -203,7 +212,7 @@ def bladeflow_server(
     for k, v in opts.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
     url = f"http://127.0.0.1:{port}"
-    return Proc(cmd, env, f"{url}/v2/health/ready", logdir / f"{label}.log"), url
+    return Proc(cmd, env, f"{url}/v2/health/ready", logdir / f"{label}.log", cwd=src), url
 
 
 def raw_ort(
@@ -246,6 +255,7 @@ def raw_ort(
         "qps": len(lat) / elapsed,
         "p50_ms": float(np.percentile(ms, 50)),
         "p99_ms": float(np.percentile(ms, 99)),
+        "mean_ms": float(ms.mean()),
         "errors": 0,
     }
 
@@ -270,6 +280,16 @@ def main() -> None:
         help="batch:timeout_ms:workers configs at --sweep-concurrency",
     )
     ap.add_argument("--sweep-concurrency", type=int, default=32)
+    ap.add_argument(
+        "--baseline-src",
+        type=Path,
+        help="another source tree to serve as target before-batch (A/B a serving change)",
+    )
+    ap.add_argument(
+        "--targets",
+        help="comma-separated subset of mlflow-serve, bladeflow-nobatch, bladeflow-batch, "
+        "before-batch, raw-ort [default: all]",
+    )
     ap.add_argument("--json", type=Path, help="write all results here")
     args = ap.parse_args()
 
@@ -324,15 +344,26 @@ def main() -> None:
         f"http://127.0.0.1:{mport}/ping",
         logdir / "mlflow.log",
     )
-    configs = [tuple(int(x) for x in c.split(":")) for c in args.sweep.split(",")]
-    servers: dict[str, tuple[Proc, str]] = {
-        "bladeflow-nobatch": bladeflow_server(
+    configs = [tuple(int(x) for x in c.split(":")) for c in args.sweep.split(",") if c]
+    wanted = set(args.targets.split(",")) if args.targets else None
+
+    def want(name: str) -> bool:
+        return wanted is None or name in wanted
+
+    batch_flags: dict[str, Any] = {"max_batch_size": 32, "batch_timeout_ms": 2, "workers": 1}
+    servers: dict[str, tuple[Proc, str]] = {}
+    if want("bladeflow-nobatch"):
+        servers["bladeflow-nobatch"] = bladeflow_server(
             env, args.model, logdir, "nobatch", max_batch_size=1, batch_timeout_ms=0, workers=1
-        ),
-        "bladeflow-batch": bladeflow_server(
-            env, args.model, logdir, "batch", max_batch_size=32, batch_timeout_ms=2, workers=1
-        ),
-    }
+        )
+    if want("bladeflow-batch"):
+        servers["bladeflow-batch"] = bladeflow_server(
+            env, args.model, logdir, "batch", **batch_flags
+        )
+    if args.baseline_src and want("before-batch"):
+        servers["before-batch"] = bladeflow_server(
+            env, args.model, logdir, "before", src=args.baseline_src.resolve(), **batch_flags
+        )
     sweep_servers = {
         c: bladeflow_server(
             env,
@@ -351,11 +382,13 @@ def main() -> None:
     try:
         for p in procs:
             p.wait_ready()
-        print(
-            f"servers ready; client ceiling (GET /v2/health/live, c=32): "
-            f"{ceiling(servers['bladeflow-batch'][1] + '/v2/health/live'):.0f} req/s",
-            flush=True,
-        )
+        if servers:
+            live = next(iter(servers.values()))[1] + "/v2/health/live"
+            print(
+                f"servers ready; client ceiling (GET /v2/health/live, c=32): "
+                f"{ceiling(live):.0f} req/s",
+                flush=True,
+            )
         targets = {
             "mlflow-serve": (
                 f"http://127.0.0.1:{mport}/invocations",
@@ -366,11 +399,13 @@ def main() -> None:
                 for k, (_, u) in servers.items()
             },
         }
+        if not want("mlflow-serve"):
+            del targets["mlflow-serve"]
         for url, bodies in targets.values():  # warm up and check answers
             drive(url, bodies, 2, 0.5)
         cells: dict[tuple[str, int], list[dict[str, float]]] = defaultdict(list)
         conc = [int(c) for c in args.concurrency.split(",")]
-        order = [*targets, "raw-ort"]
+        order = [*targets, *(["raw-ort"] if want("raw-ort") else [])]
         for rnd in range(args.rounds):
             for c in conc:
                 random.Random(rnd * 100 + c).shuffle(order)
@@ -384,6 +419,7 @@ def main() -> None:
                             "qps": r.qps,
                             "p50_ms": r.p50_ms,
                             "p99_ms": r.p99_ms,
+                            "mean_ms": r.mean_ms,
                             "errors": r.errors,
                         }
                     cells[(name, c)].append(res)
@@ -393,19 +429,31 @@ def main() -> None:
                     )
         table = _medians(cells)
         _print_main(table, conc)
-        sweep = {}
+        sweep: dict[tuple[int, ...], list[dict[str, float]]] = {}
         for rnd in range(args.rounds):
-            for c in random.Random(rnd).sample(configs, len(configs)):
-                url = f"{sweep_servers[c][1]}/v2/models/{args.model}/infer"
+            for cfg in random.Random(rnd).sample(configs, len(configs)):
+                url = f"{sweep_servers[cfg][1]}/v2/models/{args.model}/infer"
                 r = drive(url, [v2_body(f) for f in feeds], args.sweep_concurrency, args.seconds)
-                sweep.setdefault(c, []).append(
-                    {"qps": r.qps, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "errors": r.errors}
+                sweep.setdefault(cfg, []).append(
+                    {
+                        "qps": r.qps,
+                        "p50_ms": r.p50_ms,
+                        "p99_ms": r.p99_ms,
+                        "mean_ms": r.mean_ms,
+                        "errors": r.errors,
+                    }
                 )
-        print(f"\nsweep at concurrency {args.sweep_concurrency} (medians of {args.rounds} rounds)")
-        print(f"{'batch':>5} {'timeout_ms':>10} {'workers':>7}   qps | p50 ms | p99 ms   errors")
-        for c, rs in sweep.items():
+        if configs:
+            print(
+                f"\nsweep at concurrency {args.sweep_concurrency} (medians of {args.rounds} rounds)"
+            )
+            print(
+                f"{'batch':>5} {'timeout_ms':>10} {'workers':>7}   "
+                "qps | p50 ms | p99 ms | mean ms | p99/mean   errors"
+            )
+        for cfg, rs in sweep.items():
             m = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
-            print(f"{c[0]:>5} {c[1]:>10} {c[2]:>7} {_fmt(m)} {int(m['errors']):>6}")
+            print(f"{cfg[0]:>5} {cfg[1]:>10} {cfg[2]:>7} {_fmt(m)} {int(m['errors']):>6}")
         if args.json:
             args.json.write_text(
                 json.dumps(
@@ -422,7 +470,11 @@ def main() -> None:
 
 
 def _fmt(r: dict[str, float]) -> str:
-    return f"{r['qps']:7.1f} | {r['p50_ms']:6.1f} | {r['p99_ms']:6.1f}"
+    mean = r.get("mean_ms", float("nan"))
+    return (
+        f"{r['qps']:7.1f} | {r['p50_ms']:6.1f} | {r['p99_ms']:6.1f} | {mean:7.1f} | "
+        f"{r['p99_ms'] / mean:4.2f}"
+    )
 
 
 def _medians(
@@ -433,21 +485,27 @@ def _medians(
 
 def _print_main(table: dict[tuple[str, int], dict[str, float]], conc: list[int]) -> None:
     names = sorted({k[0] for k in table})
-    print("\nmedians (QPS | p50 ms | p99 ms)")
-    print(f"{'target':<18}" + "".join(f"{'c=' + str(c):>26}" for c in conc))
+    print("\nmedians (QPS | p50 ms | p99 ms | mean ms | p99/mean)")
+    print(f"{'target':<18}" + "".join(f"{'c=' + str(c):>44}" for c in conc))
     for n in names:
-        row = "".join(f"{_fmt(table[(n, c)]):>26}" for c in conc)
+        row = "".join(f"{_fmt(table[(n, c)]):>44}" for c in conc)
         print(f"{n:<18}{row}")
     for c in conc:
-        b = table.get(("bladeflow-batch", c))
-        if not b:
-            continue
-        m, raw = table[("mlflow-serve", c)], table[("raw-ort", c)]
-        print(
-            f"c={c}: bladeflow-batch/mlflow QPS x{b['qps'] / m['qps']:.2f}, "
-            f"p99 {b['p99_ms']:.0f} vs {m['p99_ms']:.0f} ms; "
-            f"bladeflow-batch/raw-ort QPS {100 * b['qps'] / raw['qps']:.0f}%"
-        )
+        for name in ("bladeflow-batch", "before-batch"):
+            b = table.get((name, c))
+            if not b:
+                continue
+            parts = []
+            m, raw = table.get(("mlflow-serve", c)), table.get(("raw-ort", c))
+            if m:
+                parts.append(
+                    f"{name}/mlflow QPS x{b['qps'] / m['qps']:.2f}, "
+                    f"p99 {b['p99_ms']:.0f} vs {m['p99_ms']:.0f} ms"
+                )
+            if raw:
+                parts.append(f"{name}/raw-ort QPS {100 * b['qps'] / raw['qps']:.0f}%")
+            if parts:
+                print(f"c={c}: " + "; ".join(parts))
 
 
 if __name__ == "__main__":
