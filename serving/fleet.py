@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +32,22 @@ log = logging.getLogger("bladeflow.serving")
 
 @dataclass(frozen=True)
 class Runner:
-    """A loaded version and its batcher."""
+    """A loaded version, its batcher and the serve settings it runs with."""
 
     model: LoadedVersion
     batcher: Batcher
+    options: ServeOptions = field(default_factory=ServeOptions)
+    config_from: str = "defaults"  # where the settings came from: defaults, flags, tag
 
     @property
     def version(self) -> str:
         return self.model.version
+
+    def serving_config(self) -> dict[str, Any]:
+        """The settings of ``bladeflow.serving_config`` this version runs with, and their origin."""
+        doc: dict[str, Any] = {k: getattr(self.options, k) for k in registry.SERVING_CONFIG_KEYS}
+        doc["from"] = self.config_from
+        return doc
 
 
 @dataclass(frozen=True)
@@ -116,6 +124,7 @@ class ModelSlot:
             "last_error": self.last_error,
             "registry_status": self.registry.describe(),
             "failed_versions": sorted(self.failed),
+            "serving_config": {r: x.serving_config() for r, x in d.runners().items()},
             "queue_depth": self.queue.depth,
             "in_flight": self.in_flight,
         }
@@ -145,14 +154,24 @@ def _percent(value: str | None) -> int:
         return 0
 
 
-def check_champions(client: Any, names: list[str]) -> dict[str, RegistryState]:
+def pin(state: RegistryState, version: str | None) -> RegistryState:
+    """``state`` with ``version`` as the only served version (``serve --version``): no canary."""
+    return state if version is None else RegistryState(version, None, 0, 0)
+
+
+def check_champions(
+    client: Any, names: list[str], pinned: dict[str, str] | None = None
+) -> dict[str, RegistryState]:
     """Registry state of every model; raise NoChampionError naming how to release one."""
     from mlflow.exceptions import MlflowException
 
+    pinned = pinned or {}
     states = {}
     for name in names:
         try:
-            state = read_state(client, name)
+            state = pin(read_state(client, name), pinned.get(name))
+            if name in pinned:
+                client.get_model_version(name, pinned[name])
         except MlflowException as exc:
             raise NoChampionError(
                 f"model {name!r} cannot be read from the registry: {exc.message}"
@@ -177,9 +196,14 @@ class Fleet:
         options: ServeOptions,
         metrics: Metrics,
         poll_interval_s: float = 10.0,
+        *,
+        pinned: dict[str, str] | None = None,
+        explicit: frozenset[str] = frozenset(),
     ):
         self.client = client
         self.options = options
+        self.pinned = dict(pinned or {})  # name -> the one version to serve (serve --version)
+        self.explicit = explicit  # settings given as flags: a version's serving_config tag yields
         self.metrics = metrics
         self.poll_interval_s = poll_interval_s
         self.registry = RegistryHealth()
@@ -191,7 +215,8 @@ class Fleet:
             )
             for n in names
         }
-        pool = max(2, options.workers * 3 * len(names))
+        # A version's serving_config may ask for more workers than the flags: room for 4 each.
+        pool = max(2, max(options.workers, 4) * 3 * len(names))
         self.executor = ThreadPoolExecutor(pool, thread_name_prefix="bladeflow-infer")
         self._workdir = Path(tempfile.mkdtemp(prefix="bladeflow-serve-"))
         self._task: asyncio.Task[None] | None = None
@@ -234,7 +259,8 @@ class Fleet:
             states = {}
             try:
                 for slot in self.slots.values():
-                    states[slot.name] = await asyncio.to_thread(read_state, self.client, slot.name)
+                    state = await asyncio.to_thread(read_state, self.client, slot.name)
+                    states[slot.name] = pin(state, self.pinned.get(slot.name))
             except Exception as exc:  # noqa: BLE001 - unreachable/refused/timed out: reported
                 self._registry_down(exc)
                 return
@@ -292,11 +318,34 @@ class Fleet:
         when = slot.failed.get(version)
         return when is not None and time.monotonic() - when < max(30.0, 10 * self.poll_interval_s)
 
+    def options_for(self, tags: dict[str, str]) -> tuple[ServeOptions, str]:
+        """The serve settings of a version: its ``bladeflow.serving_config`` tag, except where a
+        flag was given on the command line; and where they came from (defaults, flags, tag).
+
+        Raises:
+            LoadError: the tag is malformed (the version is not served rather than run otherwise).
+        """
+        try:
+            tagged = registry.serving_config_from_tag(tags.get(registry.TAG_SERVING_CONFIG))
+        except (ValueError, TypeError) as exc:
+            raise LoadError(f"bad {registry.TAG_SERVING_CONFIG} tag: {exc}") from exc
+        update = {k: v for k, v in tagged.items() if k not in self.explicit}
+        origin = "tag" if update else ("flags" if self.explicit else "defaults")
+        return replace(self.options, **update), origin  # type: ignore[arg-type]
+
+    def _version_options(self, name: str, version: str) -> tuple[ServeOptions, str]:
+        try:
+            tags = dict(self.client.get_model_version(name, version).tags or {})
+        except Exception as exc:
+            raise LoadError(f"{name} version {version}: {type(exc).__name__}: {exc}") from exc
+        return self.options_for(tags)
+
     async def _load(self, slot: ModelSlot, version: str) -> Runner | None:
         log.info("loading %s version %s", slot.name, version)
         try:
+            options, origin = await asyncio.to_thread(self._version_options, slot.name, version)
             model = await asyncio.to_thread(
-                load_version, self.client, slot.name, version, self._workdir, self.options
+                load_version, self.client, slot.name, version, self._workdir, options
             )
         except LoadError as exc:
             slot.failed[version] = time.monotonic()
@@ -306,9 +355,9 @@ class Fleet:
             return None
         slot.failed.pop(version, None)
         slot.last_error = None
-        return Runner(model, self._batcher(slot, model))
+        return Runner(model, self._batcher(slot, model, options), options, origin)
 
-    def _batcher(self, slot: ModelSlot, model: LoadedVersion) -> Batcher:
+    def _batcher(self, slot: ModelSlot, model: LoadedVersion, o: ServeOptions) -> Batcher:
         size = self.metrics.batch_size.labels(slot.name, model.version)
         duration = self.metrics.inference_duration.labels(slot.name, model.version)
 
@@ -316,7 +365,6 @@ class Fleet:
             size.observe(rows)
             duration.observe(seconds)
 
-        o = self.options
         return Batcher(
             model.predict,
             model.inputs,
@@ -327,6 +375,7 @@ class Fleet:
             workers=o.workers,
             executor=self.executor,
             on_batch=on_batch,
+            on_queue_wait=self.metrics.queue_wait.labels(slot.name, model.version).observe,
         )
 
     def _publish(self, slot: ModelSlot, old: Deployment, new: Deployment) -> None:
@@ -335,17 +384,27 @@ class Fleet:
                 self.metrics.model_info.remove(slot.name, runner.version, role)
         for role, runner in new.runners().items():
             self.metrics.model_info.labels(slot.name, runner.version, role).set(1)
+        if new.champion is not None and "max_queue_size" not in self.explicit:
+            slot.queue.limit = new.champion.options.max_queue_size  # one queue per model
         log.info(
-            "%s now serves champion=%s canary=%s weight=%d",
+            "%s now serves champion=%s canary=%s weight=%d; %s",
             slot.name,
             new.champion.version if new.champion else None,
             new.canary.version if new.canary else None,
             new.weight if new.canary else 0,
+            "; ".join(f"{r} {_config_text(x)}" for r, x in new.runners().items()) or "nothing",
         )
 
     async def _retire(self, runner: Runner) -> None:
         await runner.batcher.close()
         log.info("retired %s version %s", runner.model.name, runner.version)
+
+
+def _config_text(runner: Runner) -> str:
+    """``max_batch_size=8 batch_timeout_ms=2.0 ... (from tag)``: the startup line's config part."""
+    doc = runner.serving_config()
+    origin = doc.pop("from")
+    return " ".join(f"{k}={v}" for k, v in doc.items()) + f" (from {origin})"
 
 
 def _first_line(exc: BaseException) -> str:

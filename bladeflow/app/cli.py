@@ -32,6 +32,7 @@ from bladeflow.app.preflight import check_experiment, check_optimize_input
 from bladeflow.app.serve_cli import serve
 from bladeflow.app.stack_cli import down as stack_down
 from bladeflow.app.stack_cli import up as stack_up
+from bladeflow.app.tune_cli import tune_serving
 from bladeflow.core.errors import AccuracyGateError, BladeflowError, UserInputError
 from bladeflow.core.settings import Settings
 
@@ -43,6 +44,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # docstrings reflow to the terminal: paragraphs, not hard lines
 )
 
 
@@ -153,12 +155,30 @@ def optimize(
     target_opset: int | None = typer.Option(
         None, "--target-opset", help="ONNX opset to export to, or to upgrade an ONNX model to."
     ),
-    atol: float = typer.Option(
-        1e-4, "--atol", "--max-abs-error", help="Absolute error allowed per element."
+    accuracy: str | None = typer.Option(
+        None,
+        "--accuracy",
+        help="Accuracy budget: limits on how far a candidate may move each output, e.g. "
+        "'cosine>=0.99' (embeddings), 'argmax>=0.995,prob_drift<=0.02' (classifiers), "
+        "'abs<=0.02' or 'decision>=0.99@0.5' (scores), 'metric_drop<=0.005' (with labels); "
+        "'OUTPUT:' before a limit confines it to one output. Default: chosen per output from "
+        "what it is (printed at the start); --atol/--rtol/--min-cosine instead: the exact "
+        "elementwise gate.",
     ),
-    rtol: float = typer.Option(1e-3, "--rtol", help="Error allowed relative to |source|."),
-    min_cosine: float = typer.Option(
-        0.999, "--min-cosine", help="Lowest per-sample cosine similarity to the source."
+    atol: float | None = typer.Option(
+        None,
+        "--atol",
+        "--max-abs-error",
+        help="Exact gate: absolute error allowed per element [default: 1e-4 when any of "
+        "--atol/--rtol/--min-cosine is given].",
+    ),
+    rtol: float | None = typer.Option(
+        None, "--rtol", help="Exact gate: error allowed relative to |source| [default: 1e-3]."
+    ),
+    min_cosine: float | None = typer.Option(
+        None,
+        "--min-cosine",
+        help="Exact gate: lowest per-sample cosine similarity to the source [default: 0.999].",
     ),
     recovery_budget: float = typer.Option(
         300.0,
@@ -215,6 +235,7 @@ def optimize(
     """
     settings = settings_from(home, tracking_uri)
     try:
+        gate = _gate_options(accuracy, atol, rtol, min_cosine)
         params = optimize_params(
             source=source,
             name=name,
@@ -235,7 +256,7 @@ def optimize(
             objective=objective,
             passes=passes,
             preset=preset,
-            tolerance={"atol": atol, "rtol": rtol, "min_cosine": min_cosine},
+            **gate,
             bench={"rounds": bench_rounds, "iterations": bench_iterations},
             benchmark_work_pool=benchmark_work_pool,
             must_beat=must_beat,
@@ -243,6 +264,8 @@ def optimize(
             tracking_uri=settings.tracking_uri,
         )
         check_optimize_input(params)
+        if not quiet:
+            say(_budget_line(params))
         result = _run_optimize(params, _verbosity(verbose, quiet))
     except BladeflowError as exc:
         raise fail(exc) from None
@@ -283,7 +306,13 @@ def demo(
     """
     import os
 
-    from bladeflow.app.matcher import MATCHER_NAME, MATCHER_SOURCE, build_validation_set, minilm_dir
+    from bladeflow.app.matcher import (
+        MATCHER_ACCURACY,
+        MATCHER_NAME,
+        MATCHER_SOURCE,
+        build_validation_set,
+        minilm_dir,
+    )
 
     settings = settings_from(home, tracking_uri)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -300,6 +329,7 @@ def demo(
             source=MATCHER_SOURCE,
             name=MATCHER_NAME,
             data=str(data),
+            accuracy=MATCHER_ACCURACY,  # judged as a matcher: its decisions and its score
             tracking_uri=settings.tracking_uri,
         )
         result = _run_optimize(params, _verbosity(verbose, quiet), command="demo")
@@ -336,6 +366,7 @@ def info(home: Path | None = HOME_OPTION, tracking_uri: str | None = TRACKING_OP
 
 
 app.command(name="serve")(serve)
+app.command(name="tune-serving")(tune_serving)
 app.command(name="up")(stack_up)
 app.command(name="down")(stack_down)
 
@@ -344,10 +375,53 @@ release_app = typer.Typer(
     help="Staged gray release of a validated version: shadow -> 5% -> 25% -> 50% -> 100%, gated "
     "by live serving metrics, rolled back automatically when a gate fails.",
     no_args_is_help=True,
+    rich_markup_mode="markdown",
 )
 for _command in (release_cli.start, release_cli.status, release_cli.promote, release_cli.rollback):
     release_app.command()(_command)
 app.add_typer(release_app)
+
+
+def _gate_options(
+    accuracy: str | None, atol: float | None, rtol: float | None, min_cosine: float | None
+) -> dict[str, Any]:
+    """``accuracy`` (checked here, so a bad one exits 2 listing the accepted forms) or an
+    explicit ``tolerance`` from --atol/--rtol/--min-cosine; neither: the default budget."""
+    from bladeflow.core.budget import parse_budget
+
+    given = {
+        k: v
+        for k, v in {"atol": atol, "rtol": rtol, "min_cosine": min_cosine}.items()
+        if v is not None
+    }
+    if accuracy is not None and given:
+        raise UserInputError(
+            "--accuracy and --atol/--rtol/--min-cosine exclude each other: give the budget "
+            "(e.g. --accuracy 'cosine>=0.99'), or the exact elementwise gate"
+        )
+    if accuracy is not None:
+        return {"accuracy": parse_budget(accuracy).text()}
+    return {"tolerance": given} if given else {}
+
+
+def _budget_line(params: Any) -> str:
+    """What the gate will judge, said before any work (the resolved one follows in progress)."""
+    budget = params.accuracy_budget()
+    if budget is None:
+        t = params.tolerance
+        return (
+            f"accuracy budget: exact, |candidate - source| <= {t.atol:g} + {t.rtol:g}*|source| "
+            f"and cosine >= {t.min_cosine:g} on every sample"
+        )
+    if budget.auto:
+        from bladeflow.core.budget import DEFAULT_BUDGETS
+
+        kinds = "; ".join(f"{k.value}: {v}" for k, v in DEFAULT_BUDGETS.items())
+        return (
+            f"accuracy budget: the default for each output's kind ({kinds}), chosen once the "
+            "source's outputs are computed"
+        )
+    return f"accuracy budget: {budget.text()} (--accuracy)"
 
 
 def optimize_params(**kwargs: Any) -> Any:

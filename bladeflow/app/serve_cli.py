@@ -18,18 +18,33 @@ def serve(
     ),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
     port: int = typer.Option(8080, "--port", "-p", help="TCP port."),
-    max_batch_size: int = typer.Option(
-        32, "--max-batch-size", help="Rows per batch at most; 1 turns dynamic batching off."
+    max_batch_size: int | None = typer.Option(
+        None,
+        "--max-batch-size",
+        help="Rows per batch at most; 1 turns dynamic batching off [default: the version's "
+        "bladeflow.serving_config tag, else 32]. Each of these five flags beats the tag.",
     ),
-    batch_timeout_ms: float = typer.Option(
-        2.0, "--batch-timeout-ms", help="How long a batch waits for more requests."
+    batch_timeout_ms: float | None = typer.Option(
+        None, "--batch-timeout-ms", help="How long a batch waits for more requests [tag, else 2]."
     ),
-    max_queue_size: int = typer.Option(
-        256, "--max-queue-size", help="Waiting requests per model before answering 429."
+    max_queue_size: int | None = typer.Option(
+        None,
+        "--max-queue-size",
+        help="Waiting requests per model before answering 429 [tag, else 256].",
     ),
-    workers: int = typer.Option(1, "--workers", help="Batches run at the same time per version."),
-    intra_op_threads: int = typer.Option(
-        0, "--intra-op-threads", help="ONNX Runtime intra-op threads (0: the recipe's setting)."
+    workers: int | None = typer.Option(
+        None, "--workers", help="Batches run at the same time per version [tag, else 1]."
+    ),
+    intra_op_threads: int | None = typer.Option(
+        None,
+        "--intra-op-threads",
+        help="ONNX Runtime intra-op threads (0: the recipe's setting) [tag, else 0].",
+    ),
+    version: str | None = typer.Option(
+        None,
+        "--version",
+        help="Serve this version of the (one) --model instead of its champion/canary aliases "
+        "(what `bladeflow tune-serving` measures).",
     ),
     request_timeout_s: float = typer.Option(
         30.0, "--request-timeout", help="Seconds before a request is answered 504."
@@ -76,11 +91,21 @@ def serve(
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    flags = {
+        "max_batch_size": max_batch_size,
+        "batch_timeout_ms": batch_timeout_ms,
+        "max_queue_size": max_queue_size,
+        "workers": workers,
+        "intra_op_threads": intra_op_threads,
+    }
+    given = {k: v for k, v in flags.items() if v is not None}
     problems = []
     if not 0.0 <= shadow <= 1.0:
         problems.append("--shadow must be between 0 and 1 (a share of champion requests)")
-    if max_batch_size < 1 or max_queue_size < 1 or workers < 1:
+    if any(given.get(k, 1) < 1 for k in ("max_batch_size", "max_queue_size", "workers")):
         problems.append("--max-batch-size, --max-queue-size and --workers must be >= 1")
+    if version is not None and (len(set(model)) != 1 or not version.isdigit()):
+        problems.append("--version takes a version number and exactly one --model")
     try:
         for name in model:
             check_model_name(name)
@@ -90,11 +115,7 @@ def serve(
         typer.echo("bladeflow: bad input: " + "; ".join(problems), err=True)
         raise typer.Exit(2)
     options = ServeOptions(
-        max_batch_size=max_batch_size,
-        batch_timeout_ms=batch_timeout_ms,
-        max_queue_size=max_queue_size,
-        workers=workers,
-        intra_op_threads=intra_op_threads,
+        **given,  # type: ignore[arg-type]
         request_timeout_s=request_timeout_s,
         shadow_share=shadow,
     )
@@ -105,6 +126,8 @@ def serve(
         max_body_bytes=int(max_body_mb * (1 << 20)),
         poll_interval_s=poll_interval,
         log_level=log_level.lower(),
+        pinned=((model[0], version),) if version is not None else (),
+        explicit=frozenset(given),
     )
     from bladeflow.serving.fleet import NoChampionError
 
