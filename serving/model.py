@@ -143,7 +143,12 @@ def load_version(
             artifact_uri=f"models:/{name}/{version}", dst_path=str(folder)
         )
         config = session_config(mv.tags, options, runtime_file_config(folder))
-        loaded = LoadedVersion(name, version, folder, config)
+        if is_generation_folder(folder):  # an encoder-decoder: a decoder loop, text in and out
+            from bladeflow.serving.generation import GenerationVersion
+
+            loaded: LoadedVersion = GenerationVersion(name, version, folder, config)
+        else:
+            loaded = LoadedVersion(name, version, folder, config)
         sizes = tuple(sorted({1, max(1, options.max_batch_size)}))
         loaded.warm_up(sizes)
     except Exception as exc:  # any failure: not served; logged, counted, shown in status
@@ -185,6 +190,13 @@ def _model_file(folder: Path) -> Path:
     if path.suffix.lower() != ".onnx":  # serving loads ONNX graphs only, never pickles & co.
         raise LoadError(f"the model file {data!r} is not an .onnx file; serving loads only ONNX")
     return path
+
+
+def is_generation_folder(folder: Path) -> bool:
+    """A generation model's folder: encoder + decoder graphs described by seq2seq.json."""
+    from bladeflow.core.generation import SPEC_FILE
+
+    return (folder / SPEC_FILE).is_file()
 
 
 def _tokenizer_dir(folder: Path) -> Path | None:

@@ -106,6 +106,9 @@ def decode(body: bytes, model: LoadedVersion) -> InferRequest:
     check_outputs(req.outputs, model.output_names)
     if req.texts is not None:
         req.inputs = model.tokenize(req.texts)
+    per_request = getattr(model, "request_inputs", None)  # generation: max_new_tokens, num_beams
+    if per_request is not None:
+        req.inputs.update(per_request(body, req.rows))
     return req
 
 

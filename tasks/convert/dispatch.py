@@ -23,6 +23,8 @@ from bladeflow.core.hashing import sha256_path
 from bladeflow.tasks.convert.base import SourceRunner, check_size, get_converter
 from bladeflow.tasks.convert.detect import detect_format
 from bladeflow.tasks.convert.errors import ConversionError
+from bladeflow.tasks.convert.seq2seq_source import FORMAT as SEQ2SEQ
+from bladeflow.tasks.convert.seq2seq_source import convert_seq2seq
 from bladeflow.tasks.convert.verify import verification_data, verify_conversion
 
 __all__ = [
@@ -73,6 +75,9 @@ def detect(source: str, fmt: str | None = None) -> str:
 def convert_source(source: str, workdir: Path, options: ConvertOptions) -> ModelArtifact:
     """Convert ``source`` to ``workdir/model.onnx`` (+ ``convert_config.json``), verified.
 
+    Encoder-decoders (format ``seq2seq``) become ``encoder.onnx`` + ``decoder_with_past.onnx`` +
+    ``seq2seq.json`` instead; the artifact's ``path`` is the ``seq2seq.json``.
+
     Raises:
         ModelFileError: unreadable/unsupported source or missing framework.
         ConversionError: export failed, unsupported operator, or outputs differ from the source.
@@ -80,6 +85,8 @@ def convert_source(source: str, workdir: Path, options: ConvertOptions) -> Model
     fmt = detect(source, options.format)
     converter = get_converter(fmt)
     check_size(source)  # before anything loads it (the CLI also runs converter.precheck)
+    if fmt == SEQ2SEQ:  # a folder of two graphs and a loop, verified by generation
+        return convert_seq2seq(source, workdir, options)
     workdir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=workdir))
     try:

@@ -7,9 +7,11 @@ Nothing is downloaded: the folder must hold everything (``HF_HUB_OFFLINE=1`` wor
 
 Encoders and their classification heads are supported; the class the config declares in
 ``architectures`` is loaded, so a head (e.g. ``...ForSequenceClassification``) is kept.
-Generation models (encoder-decoders with a decoder loop, decoder-only language models) are
-refused by :func:`refuse_generation_model`: exported one forward pass at a time they would lose
-the LM head or the decoding loop, and the result would not be the model the user gave.
+Supported encoder-decoders are claimed first by the ``seq2seq`` format
+(:mod:`bladeflow.tasks.convert.seq2seq_source`); every other generation model (decoder-only
+language models, other or headless encoder-decoders) reaching this converter is refused by
+:func:`refuse_generation_model`: exported one forward pass at a time it would lose the LM head or
+the decoding loop, and the result would not be the model the user gave.
 """
 
 from __future__ import annotations
@@ -163,11 +165,17 @@ def refuse_generation_model(path: str | Path) -> None:
 
 def generation_refusal(what: str) -> ModelFileError:
     """The exit-2 error for a generation model: ``what`` it is, then what is supported."""
+    from bladeflow.tasks.convert.seq2seq_source import SUPPORTED_TYPES
+
     return ModelFileError(
-        f"{what}. Generation models (encoder-decoders with a decoder loop such as BART, T5 or "
-        "Whisper; decoder-only language models such as GPT-2 or Llama) are not supported yet: "
-        "exporting one forward pass would drop the LM head or the decoding loop and register a "
-        f"different model. {SUPPORTED_HELP}."
+        f"{what}. bladeflow supports generation models that are encoder-decoders with a decoder "
+        f"loop: a local Hugging Face folder whose config.json has is_encoder_decoder: true, "
+        f"model_type one of {', '.join(SUPPORTED_TYPES)}, a ...ForConditionalGeneration "
+        "architecture, and its tokenizer (or feature extractor) saved beside it (format "
+        "seq2seq). Decoder-only language models (...ForCausalLM, ...LMHeadModel such as GPT-2 "
+        "or Llama), other encoder-decoders, base encoder-decoders without an LM head and MLflow "
+        "transformers generation models are not supported yet: exporting one forward pass would "
+        f"drop the LM head or the decoding loop and register a different model. {SUPPORTED_HELP}."
     )
 
 

@@ -359,3 +359,21 @@ def same_tokens(a: np.ndarray, b: np.ndarray, eos: int) -> bool:
 def _until_eos(tokens: np.ndarray, eos: int) -> np.ndarray:
     hits = np.flatnonzero(tokens[1:] == eos)
     return tokens[: hits[0] + 2] if len(hits) else tokens
+
+
+def source_outputs(
+    model: Any, batches: list[dict[str, np.ndarray]], **search: Any
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The source's tokens (``generate()`` with ``search``) and its logits on those tokens
+    (teacher-forced, step ``s`` predicting token ``s + 1``), per batch: the generation gate's
+    reference."""
+    import torch
+
+    tokens, logits = [], []
+    with torch.no_grad():
+        for feeds in batches:
+            inputs = {k: torch.from_numpy(v) for k, v in feeds.items()}
+            out = source_generate(model, inputs, **search)
+            tokens.append(out.numpy())
+            logits.append(model(**inputs, decoder_input_ids=out[:, :-1]).logits.numpy())
+    return tokens, logits

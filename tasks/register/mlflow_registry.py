@@ -37,6 +37,7 @@ from bladeflow.core.settings import Settings
 _METRIC_SAFE = re.compile(r"[^A-Za-z0-9_\-. /]")
 
 TAG_OWNER = registry.RUN_TAG_OWNER
+FOLDER_FORMAT = "seq2seq"  # artifacts of this format are a folder, logged whole (_log_folder)
 client = mlflow_client  # the one factory (bladeflow.core.mlflow_client), kept under its old name
 
 
@@ -268,18 +269,22 @@ def register(
                 name="model",
                 source_run_id=run_id,
             )
-            info = mlflow.onnx.log_model(
-                onnx.load(candidate.artifact.path),
-                name="model",
-                signature=_mlflow_signature(candidate.artifact.signature),
-                input_example=input_example,
-                onnx_session_options=_mlflow_session_options(candidate),
-                onnx_execution_providers=list(candidate.session.providers),
-                extra_files=_extra_files(runtime_file, candidate),
-                save_as_external_data=candidate.artifact.size_bytes > (1 << 30),
-                run_id=run_id,
-                model_id=logged.model_id,
-            )
+            if candidate.artifact.format == FOLDER_FORMAT:
+                model_uri, model_id = _log_folder(c, logged.model_id, candidate), logged.model_id
+            else:
+                info = mlflow.onnx.log_model(
+                    onnx.load(candidate.artifact.path),
+                    name="model",
+                    signature=_mlflow_signature(candidate.artifact.signature),
+                    input_example=input_example,
+                    onnx_session_options=_mlflow_session_options(candidate),
+                    onnx_execution_providers=list(candidate.session.providers),
+                    extra_files=_extra_files(runtime_file, candidate),
+                    save_as_external_data=candidate.artifact.size_bytes > (1 << 30),
+                    run_id=run_id,
+                    model_id=logged.model_id,
+                )
+                model_uri, model_id = info.model_uri, info.model_id
         fault_point("register.model_logged")
         with mlflow_errors(settings, f"creating registered model {name!r}"):
             _ensure_registered_model(c, name)
@@ -295,11 +300,11 @@ def register(
         with mlflow_errors(settings, f"registering {name!r}"):
             mv = c.create_model_version(
                 name=name,
-                source=info.model_uri,
+                source=model_uri,
                 run_id=run_id,
                 tags=pending,
                 description=description,
-                model_id=info.model_id,
+                model_id=model_id,
             )
             version = str(mv.version)
             fault_point("register.version_created")
@@ -314,6 +319,30 @@ def register(
             delete_quietly(c, name, version)
         raise
     return version, f"models:/{name}/{version}"
+
+
+def _log_folder(c: Any, model_id: str, candidate: Candidate) -> str:
+    """Log a model that is a folder (a generation model: two graphs, seq2seq.json, tokenizer,
+    generation config, runtime config) as the logged model's artifacts, with an MLmodel file
+    naming it (flavor ``bladeflow_seq2seq``; no pyfunc: nothing to unpickle). Returns its URI."""
+    import tempfile
+
+    from mlflow.models import Model
+
+    folder = Path(candidate.artifact.path).parent
+    with tempfile.TemporaryDirectory(prefix="bladeflow-mlmodel-") as tmp:
+        meta = Model(model_id=model_id)
+        meta.add_flavor(
+            FOLDER_FORMAT,
+            spec=Path(candidate.artifact.path).name,
+            runtime=registry.RUNTIME_FILE,
+            format=candidate.artifact.format,
+        )
+        meta.save(str(Path(tmp) / "MLmodel"))
+        c.log_model_artifacts(model_id, str(folder))
+        c.log_model_artifacts(model_id, tmp)
+    c.finalize_logged_model(model_id, "READY")
+    return f"models:/{model_id}"
 
 
 def _extra_files(runtime_file: Path, candidate: Candidate) -> list[str]:

@@ -1,4 +1,7 @@
-"""Generation models (BART, T5, GPT-2) are refused with exit 2, never exported as their base.
+"""Generation models bladeflow cannot run are refused with exit 2, never exported as their base:
+decoder-only LMs (GPT-2), headless encoder-decoders (BartModel), supported encoder-decoders saved
+without a tokenizer, MLflow transformers generation models. Supported encoder-decoders with a
+tokenizer go through the seq2seq format (tests/generation/).
 
 The folders are tiny models built from a config with random weights (``save_pretrained``).
 """
@@ -15,7 +18,8 @@ from typing import Any
 import pytest
 
 from bladeflow.core.errors import ModelFileError, UserInputError
-from bladeflow.tasks.convert.dispatch import ConvertOptions, convert_source
+from bladeflow.tasks.convert.base import get_converter
+from bladeflow.tasks.convert.dispatch import ConvertOptions, convert_source, detect
 from bladeflow.tasks.convert.hf_source import HuggingFaceConverter, refuse_generation_model
 from bladeflow.tasks.convert.mlflow_source import refuse_generation_flavor
 
@@ -72,27 +76,40 @@ def _save(tmp_path: Path, family: str, cls: str) -> Path:
 
 @pytest.mark.parametrize(
     ("family", "cls"),
-    [
-        ("bart", "BartForConditionalGeneration"),
-        ("t5", "T5ForConditionalGeneration"),
-        ("gpt2", "GPT2LMHeadModel"),
-    ],
+    [("bart", "BartForConditionalGeneration"), ("t5", "T5ForConditionalGeneration")],
 )
-def test_generation_folders_are_refused_naming_the_architecture(
-    tmp_path: Path, family: str, cls: str
-) -> None:
-    # setup
+def test_seq2seq_folder_without_tokenizer_is_refused(tmp_path: Path, family: str, cls: str) -> None:
+    # setup: a supported encoder-decoder, saved without its tokenizer
     folder = _save(tmp_path, family, cls)
+    # execute
+    fmt = detect(str(folder))
+    with pytest.raises(ModelFileError) as prechecked:
+        get_converter(fmt).precheck(str(folder))
+    with pytest.raises(ModelFileError) as converting:
+        convert_source(str(folder), tmp_path / "work", ConvertOptions())
+    # assert: routed to the generation path, exit 2 saying what is missing and how to add it
+    assert fmt == "seq2seq"
+    for exc in (prechecked.value, converting.value):
+        assert exc.exit_code == 2
+        assert "no tokenizer" in str(exc) and "tokenizer.save_pretrained" in str(exc)
+    assert not (tmp_path / "work" / "encoder.onnx").exists()
+
+
+def test_decoder_only_model_is_refused_saying_what_is_supported(tmp_path: Path) -> None:
+    # setup
+    folder = _save(tmp_path, "gpt2", "GPT2LMHeadModel")
     # execute
     with pytest.raises(UserInputError) as refused:
         refuse_generation_model(folder)
     with pytest.raises(ModelFileError) as converting:
         convert_source(str(folder), tmp_path / "work", ConvertOptions())
     # assert: exit 2, the architecture named, what is supported said
+    assert detect(str(folder)) == "huggingface"
     for exc in (refused.value, converting.value):
         assert exc.exit_code == 2
-        assert cls in str(exc)
-        assert "generation models" in str(exc).lower() and "not supported yet" in str(exc)
+        assert "GPT2LMHeadModel" in str(exc) and "not supported yet" in str(exc)
+        assert "Decoder-only language models" in str(exc)
+        assert "is_encoder_decoder: true" in str(exc) and "bart" in str(exc)  # what is supported
         assert "ForSequenceClassification" in str(exc) and "BertModel" in str(exc)
     assert not (tmp_path / "work" / "model.onnx").exists()
 
@@ -100,7 +117,8 @@ def test_generation_folders_are_refused_naming_the_architecture(
 def test_base_encoder_decoder_is_refused_by_is_encoder_decoder(tmp_path: Path) -> None:
     # setup: BartModel has no LM head, but its forward pass still needs a decoder loop
     folder = _save(tmp_path, "bart", "BartModel")
-    # execute / assert
+    # execute / assert: not claimed by the seq2seq format (no LM head), refused by the HF one
+    assert detect(str(folder)) == "huggingface"
     with pytest.raises(ModelFileError, match=r"is_encoder_decoder: true.*not supported yet"):
         HuggingFaceConverter.precheck(str(folder))
 
@@ -147,7 +165,7 @@ def test_refusal_imports_no_framework_and_is_fast(tmp_path: Path) -> None:
     assert out.stdout.split("\n")[:3] == ["refused ModelFileError", "True", "[]"]
 
 
-def test_cli_optimize_of_a_bart_folder_exits_2(tmp_path: Path) -> None:
+def test_cli_optimize_of_a_bart_folder_without_tokenizer_exits_2(tmp_path: Path) -> None:
     # setup
     folder = _save(tmp_path, "bart", "BartForConditionalGeneration")
     home = tmp_path / "home"
@@ -165,7 +183,7 @@ def test_cli_optimize_of_a_bart_folder_exits_2(tmp_path: Path) -> None:
     )
     # assert
     assert out.returncode == 2, out.stderr
-    assert "BartForConditionalGeneration" in out.stderr and "not supported yet" in out.stderr
+    assert "encoder-decoder but no tokenizer" in out.stderr
     assert "Traceback" not in out.stderr
     assert not (home / "mlflow.db").exists() or "bart" not in _registered(home)
 

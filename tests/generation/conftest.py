@@ -68,3 +68,9 @@ def trained(request: pytest.FixtureRequest, zoo: Zoo) -> Trained:
 @pytest.fixture(scope="session")
 def bart(zoo: Zoo) -> Trained:
     return zoo.get("bart")
+
+
+@pytest.fixture(scope="session")
+def text_folder(bart: Trained, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained BART-type model as a Hugging Face folder with its tokenizer."""
+    return Path(tm.save_text_model(bart.model, tmp_path_factory.mktemp("hf") / "bart"))

@@ -125,8 +125,20 @@ def train(model: Any, speech: bool, steps: int, seed: int = 0) -> Any:
     import torch
 
     torch.manual_seed(seed)
+    threads = torch.get_num_threads()
+    # One thread: tiny matmuls gain nothing from more, and on a shared machine extra threads
+    # waiting on each other made 300 steps take minutes instead of seconds.
+    torch.set_num_threads(1)
+    try:
+        return _train(model, speech, steps, seed, torch.optim.Adam(model.parameters(), lr=3e-3))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(model: Any, speech: bool, steps: int, seed: int, opt: Any) -> Any:
+    import torch
+
     rng = np.random.default_rng(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(steps):
         seqs = random_sequences(rng, 32)
@@ -142,3 +154,41 @@ def train(model: Any, speech: bool, steps: int, seed: int = 0) -> Any:
         loss.backward()
         opt.step()
     return model.eval()
+
+
+WORDS = [chr(ord("a") + i) for i in range(VOCAB - 3)]  # token 3 + i is the word WORDS[i]
+
+
+def texts_for(seqs: list[list[int]]) -> list[str]:
+    """The sentences a word tokenizer turns into ``seqs`` (plus EOS): "d e f"."""
+    return [" ".join(WORDS[int(t) - 3] for t in s) for s in seqs]
+
+
+def word_tokenizer() -> Any:
+    """A word-level fast tokenizer over the tiny vocabulary: one letter per content token, EOS
+    appended, as :func:`text_batch` lays the inputs out."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": PAD, "<s>": BOS, "</s>": EOS, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", EOS)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<pad>",
+    )
+
+
+def save_text_model(model: Any, folder: Any, max_new_tokens: int = 10) -> Any:
+    """``model`` as a Hugging Face folder with its tokenizer and a generation config."""
+    model.generation_config.max_new_tokens = max_new_tokens
+    model.save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return folder

@@ -1,0 +1,269 @@
+"""The optimize flow of generation models (encoder-decoders): convert -> candidates -> generation
+gate -> generate benchmark -> register the folder.
+
+``flows/optimize.py`` hands a ``seq2seq`` source here. The reference is ``source.generate()`` in
+PyTorch with the model's generation config on the user's data; candidates are bladeflow's ONNX
+Runtime decoder loop over the exported graphs (fp32, and int8 on the decoder); the registered
+version's ``latency_ms``/``speedup`` are generate latencies at a fixed number of new tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from bladeflow.core.contract import (
+    AccuracyReport,
+    BenchmarkReport,
+    Candidate,
+    DataRef,
+    ModelArtifact,
+    OptimizeResult,
+    StageResult,
+)
+from bladeflow.core.errors import AccuracyGateError
+from bladeflow.core.outcome import Outcome, Status
+from bladeflow.core.params import Objective, OptimizeParams
+from bladeflow.core.settings import Settings
+from bladeflow.flows import stages as s
+from bladeflow.flows.candidates import stage
+from bladeflow.tasks.benchmark import generation as gb
+from bladeflow.tasks.benchmark.select import select_candidate
+from bladeflow.tasks.convert.seq2seq_source import TOKENIZER_DIR
+from bladeflow.tasks.optimize import seq2seq as cands
+from bladeflow.tasks.register import mlflow_registry as reg
+from bladeflow.tasks.register import run_report as rr
+from bladeflow.tasks.validate import generation as gv
+
+Batches = list[dict[str, np.ndarray]]
+
+
+@task(name="generation-data", cache_policy=NO_CACHE, persist_result=False)
+def data_task(model: ModelArtifact, params: OptimizeParams) -> Batches:
+    kind = model.provenance.step.config["kind"] if model.provenance.step else "text"
+    column = params.text_columns[0] if params.text_columns else None
+    batches = gv.load_inputs(params.data, kind, model.assets[TOKENIZER_DIR], column)
+    get_run_logger().info(
+        "data: %d samples from %s", sum(len(b[next(iter(b))]) for b in batches), params.data
+    )
+    return batches
+
+
+@task(name="reference-generate", cache_policy=NO_CACHE, persist_result=False)
+def reference_task(
+    source: str, batches: Batches, search: gv.GenerationSettings
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The source's generate() tokens and teacher-forced logits (PyTorch eager)."""
+    from bladeflow.tasks.convert.seq2seq_export import load_seq2seq, source_outputs
+
+    model, _ = load_seq2seq(source)
+    get_run_logger().info("reference: source.generate() in PyTorch with %s", search.kwargs())
+    return source_outputs(model, batches, **search.kwargs())
+
+
+@task(name="build-candidates", cache_policy=NO_CACHE)
+def build_task(model: ModelArtifact, workdir: Path) -> tuple[list[Candidate], dict[str, str]]:
+    built, failed = [cands.fp32_candidate(model)], {}
+    try:
+        built.append(cands.int8_decoder_candidate(model, workdir))
+    except Exception as exc:  # noqa: BLE001 - the candidate is rejected with its reason
+        failed[cands.INT8_DECODER] = f"{type(exc).__name__}: {exc}"
+    return built, failed
+
+
+@task(name="generation-gate", task_run_name="gate-{candidate.name}", cache_policy=NO_CACHE)
+def gate_task(
+    candidate: Candidate,
+    batches: Batches,
+    reference: tuple[list[np.ndarray], list[np.ndarray]],
+    search: gv.GenerationSettings,
+    eos: int,
+) -> tuple[AccuracyReport, gv.GenerationAccuracy]:
+    ref_tokens, ref_logits = reference
+    folder = Path(candidate.artifact.path).parent
+    tokens, logits = gv.run_candidate(folder, candidate.session, batches, ref_tokens, search)
+    acc = gv.compare(tokens, ref_tokens, logits, ref_logits, eos)
+    report = gv.judge(candidate.name, acc, candidate.name in cands.REDUCED)
+    get_run_logger().info("validate: %s %s: %s", candidate.name, report.status, report.reason)
+    return report, acc
+
+
+@task(name="generate-benchmark", cache_policy=NO_CACHE, persist_result=False)
+def bench_task(
+    source: str,
+    passing: list[Candidate],
+    batches: Batches,
+    batch_sizes: list[int],
+    settings: gb.GenerateBench,
+) -> BenchmarkReport:
+    from bladeflow.tasks.convert.seq2seq_export import load_seq2seq
+
+    model, _ = load_seq2seq(source)
+    runs: dict[str, gb.Run] = {rr.SOURCE: gb.torch_runner(model, settings)}
+    for c in passing:
+        runs[c.name] = gb.onnx_runner(Path(c.artifact.path).parent, c.session, settings)
+    return gb.bench_generate(runs, batches, batch_sizes, settings, get_run_logger().info)
+
+
+@flow(name="optimize-generation")
+def generation_flow(params: OptimizeParams) -> OptimizeResult:
+    """Optimize, validate, benchmark and register one encoder-decoder.
+
+    Raises:
+        UserInputError: the source or data cannot be used (nothing is registered).
+        AccuracyGateError: no candidate reproduced the source's generation.
+    """
+    gv.check_data(params.data)  # before the (slow) conversion
+    settings = Settings.from_env().with_tracking_uri(params.tracking_uri)
+    run_dir = (
+        settings.workdir / f"{params.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    )
+    reports = run_dir / "reports"
+    reports.mkdir(parents=True, exist_ok=True)
+    stages: list[StageResult] = []
+    objective = Objective.parse(params.objective)
+    batch_sizes = sorted({*params.batch_sizes, objective.batch})
+
+    with stage(stages, "convert"):
+        model = s.convert_task(params.source, s.convert_options(params), run_dir / "converted")
+    step = model.provenance.step.config if model.provenance.step else {}
+    search = gv.GenerationSettings(**step.get("generation", {}))
+    eos = int(json.loads(Path(model.path).read_text())["eos_token_id"])
+    with stage(stages, "prepare-data"):
+        batches = data_task(model, params)
+    data = DataRef(
+        path=str(params.data),
+        samples=sum(len(next(iter(b.values()))) for b in batches),
+        synthetic=False,
+    )
+    run_id = s.start_run_task(settings, params.name, _run_params(params, search))
+    try:
+        with stage(stages, "optimize") as st:
+            reference = reference_task(params.source, batches, search)
+            candidates, failed = build_task(model, run_dir / "candidates")
+            st.outputs = {"candidates": [c.name for c in candidates], "failed": failed}
+        with stage(stages, "validate") as st:
+            accuracy: dict[str, AccuracyReport] = {}
+            metrics: dict[str, float] = {}
+            for c in candidates:
+                accuracy[c.name], acc = gate_task(c, batches, reference, search, eos)
+                metrics |= {f"generation.{c.name}.{k}": v for k, v in acc.metrics().items()}
+            for name, why in failed.items():
+                accuracy[name] = _not_run(name, why)
+            passing = [c for c in candidates if accuracy[c.name].passed]
+            st.outputs = {"passed": [c.name for c in passing]}
+        reg.log_metrics(settings, run_id, rr.accuracy_metrics(accuracy) | metrics)
+        (reports / "accuracy.json").write_text(
+            json.dumps({k: v.model_dump(mode="json") for k, v in accuracy.items()}, indent=2)
+        )
+        if not passing:
+            reg.log_artifacts(settings, run_id, reports, "reports")
+            reasons = {n: a.reason for n, a in accuracy.items()}
+            raise AccuracyGateError(
+                "no generation candidate reproduced the source: "
+                + "; ".join(f"{n}: {r}" for n, r in reasons.items()),
+                reasons,
+                run_id,
+            )
+        with stage(stages, "benchmark") as st:
+            bench_settings = gb.GenerateBench(
+                new_tokens=search.max_new_tokens,
+                num_beams=search.num_beams,
+                length_penalty=search.length_penalty,
+                rounds=max(2, params.bench.rounds),
+                iterations=max(1, min(params.bench.iterations, 5)),
+                warmup=min(params.bench.warmup, 1),
+            )
+            bench = bench_task(params.source, passing, batches, batch_sizes, bench_settings)
+            chosen = select_candidate(passing, bench, objective)
+            st.outputs = {"chosen": chosen.name, "new_tokens": bench_settings.new_tokens}
+        (reports / "benchmark.json").write_text(bench.model_dump_json(indent=2))
+        runtime = f"pytorch eager generate(use_cache=True), {bench_settings.new_tokens} new tokens"
+        result = rr.optimize_result(params, run_id, chosen, accuracy, bench, data, stages, runtime)
+        reg.log_metrics(settings, run_id, rr.latency_metrics(bench, result))
+        summary = _summary(params, chosen, accuracy, bench, bench_settings, objective.batch)
+        (reports / "summary.md").write_text(summary)
+        reg.log_artifacts(settings, run_id, reports, "reports")
+        with stage(stages, "register"):
+            tags = rr.version_tags(params, model, chosen, data)
+            version, uri = s.register_task(
+                settings, run_id, params.name, chosen, tags, summary, None
+            )
+        _end(settings, run_id, Outcome.REGISTERED, "", version)
+        return result.model_copy(update={"version": version, "model_uri": uri, "stages": stages})
+    except AccuracyGateError as exc:
+        _end(settings, run_id, Outcome.ACCURACY_GATE_FAILED, str(exc))
+        raise
+    except BaseException as exc:
+        _end(settings, run_id, Outcome.ERROR, str(exc))
+        raise
+
+
+def _not_run(name: str, why: str) -> AccuracyReport:
+    return AccuracyReport(
+        candidate=name,
+        passed=False,
+        outputs={},
+        reason=f"pass failed: {why}",
+        synthetic_data=False,
+        status=Status.FAILED,
+    )
+
+
+def _run_params(params: OptimizeParams, search: gv.GenerationSettings) -> dict[str, Any]:
+    return {
+        "source": params.source,
+        "data": params.data,
+        "format": "seq2seq",
+        "generation": search.kwargs(),
+        "batch_sizes": params.batch_sizes,
+        "objective": params.objective,
+    }
+
+
+def _summary(
+    params: OptimizeParams,
+    chosen: Candidate,
+    accuracy: dict[str, AccuracyReport],
+    bench: BenchmarkReport,
+    bench_settings: gb.GenerateBench,
+    batch: int,
+) -> str:
+    lines = [
+        f"# {params.name}: generation model from {params.source}",
+        "",
+        f"Chosen: **{chosen.name}**. Latency is generate() of {bench_settings.new_tokens} new "
+        f"tokens (min = max, {bench_settings.num_beams} beam(s)) against PyTorch eager "
+        "generate(use_cache=True), same threads.",
+        "",
+        f"| candidate | gate | p50 ms @{batch} | speedup | accuracy |",
+        "|---|---|---|---|---|",
+    ]
+    src = bench.models[rr.SOURCE].get(batch)
+    for name, rep in accuracy.items():
+        stats = bench.models.get(name, {}).get(batch)
+        p50 = f"{stats.p50_ms:.1f}" if stats else "-"
+        speed = f"{src.p50_ms / stats.p50_ms:.2f}x" if stats and src else "-"
+        lines.append(f"| {name} | {rep.status} | {p50} | {speed} | {rep.reason} |")
+    if src:
+        lines.append(f"| source (PyTorch) | - | {src.p50_ms:.1f} | 1.00x | - |")
+    return "\n".join(lines) + "\n"
+
+
+def _end(settings: Settings, run_id: str, outcome: Outcome, reason: str, version: str = "") -> None:
+    from bladeflow.core import registry
+
+    ok = outcome is Outcome.REGISTERED
+    tags = {registry.RUN_TAG_OUTCOME: outcome.value}
+    if reason:
+        tags[registry.RUN_TAG_REASON] = reason[:5000]
+    if version:
+        tags[registry.RUN_TAG_VERSION] = version
+    reg.end_run(settings, run_id, "FINISHED" if ok else "FAILED", tags, quiet=not ok)
