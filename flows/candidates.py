@@ -33,6 +33,7 @@ from bladeflow.core.policy import TolerancePolicy
 from bladeflow.core.settings import Settings
 from bladeflow.flows import stages as s
 from bladeflow.tasks.benchmark.probe import one_line, probe
+from bladeflow.tasks.benchmark.select import screen
 from bladeflow.tasks.optimize.base import PassContext
 from bladeflow.tasks.optimize.recipes import BASELINE, Recipe, RecipePlan
 from bladeflow.tasks.validate.gate import GateOutcome
@@ -138,9 +139,13 @@ def benchmark_all(
     batch_sizes: list[int],
     run_dir: Path,
     decide: s.Decision | None = None,
+    screened: dict[str, str] | None = None,
 ) -> tuple[BenchmarkReport, str, dict[str, str]]:
     """Time the source and the passing candidates; a candidate that breaks the run is dropped.
 
+    With more than ``SCREEN_ABOVE`` candidates, a short screening run first drops those another
+    candidate beats significantly at every batch size (``select.screen``); they are added to
+    ``screened`` (candidate -> reason) and not timed in full.
     Returns the report, what ran the source, and candidate -> reason for those dropped.
     """
 
@@ -164,6 +169,11 @@ def benchmark_all(
             decide,
         )
 
+    if decide is not None and not params.benchmark_work_pool and len(timed) > SCREEN_ABOVE:
+        out = screen_all(params, model, timed, data, batch_sizes, decide)
+        timed = {n: m for n, m in timed.items() if n not in out}
+        if screened is not None:
+            screened.update(out)
     fut = run(timed)
     state = fut.wait() or fut.state
     if state.is_completed():
@@ -194,6 +204,55 @@ def benchmark_all(
     return report, runtime, failed
 
 
+# More candidates than this get a short screening run (SCREEN_ROUNDS rounds) before the full one.
+SCREEN_ABOVE = 4
+SCREEN_ROUNDS = 5
+
+
+def screen_all(
+    params: OptimizeParams,
+    model: ModelArtifact,
+    timed: s.Timed,
+    data: DataRef,
+    batch_sizes: list[int],
+    decide: s.Decision,
+) -> dict[str, str]:
+    """Candidate -> reason for those a short interleaved run shows are dominated (``screen``).
+
+    The run is a few rounds of a few calls at every batch size: enough to see a candidate that is
+    slower everywhere, never enough to choose. A screening run that fails drops nothing (the full
+    benchmark then finds which model broke it).
+    """
+    bench = params.bench
+    quick = bench.model_copy(
+        update={
+            "warmup": min(bench.warmup, 2),
+            "rounds": SCREEN_ROUNDS,
+            "iterations": max(2, bench.iterations // 5),
+            "max_seconds": min(bench.max_seconds, 2.0),
+            "extra_seconds": 0.0,
+        }
+    )
+    names = {c.name for c in decide.passing}
+    fut = s.benchmark_task.submit(
+        params.source,
+        s.convert_options(params),
+        model,
+        {n: m for n, m in timed.items() if n in names},
+        data,
+        batch_sizes,
+        quick,
+    )
+    state = fut.wait() or fut.state
+    if not state.is_completed():
+        return {}
+    report, _ = fut.result()
+    out = screen(decide.passing, report)
+    if out:
+        get_run_logger().info("benchmark: screened out %s", sorted(out))
+    return out
+
+
 def run_params(
     params: OptimizeParams,
     policy: TolerancePolicy,
@@ -201,10 +260,17 @@ def run_params(
     model: ModelArtifact,
     prepared: PreparedData,
 ) -> dict[str, Any]:
-    """The optimize run's MLflow params: the options, the resolved recipes and the machine."""
+    """The optimize run's MLflow params: the options, the resolved recipes and the machine.
+
+    With an accuracy budget, ``accuracy`` is the budget as given (``auto``: defaults per output
+    kind); the resolved per-output budget and its ``policy`` are logged once the source's outputs
+    are known (flows/budget.py). Otherwise ``policy`` is the given policy or tolerance's.
+    """
+    budget = params.accuracy_budget()
     return {
-        **params.model_dump(exclude={"tolerance", "bench", "tracking_uri", "policy"}),
-        "policy": policy.model_dump(mode="json"),
+        **params.model_dump(exclude={"tolerance", "bench", "tracking_uri", "policy", "accuracy"}),
+        "accuracy": budget.text() if budget is not None else "elementwise",
+        **({"policy": policy.model_dump(mode="json")} if budget is None else {}),
         "recipes": [r.model_dump(mode="json") for r in plan.recipes],
         "skipped_recipes": plan.skipped,
         "source_sha256": model.provenance.parent_sha256,

@@ -23,6 +23,7 @@ from bladeflow.core.outcome import Outcome, Status
 from bladeflow.core.params import Objective, OptimizeParams
 from bladeflow.core.settings import Settings
 from bladeflow.flows import stages as s
+from bladeflow.flows.budget import accuracy_budget_task
 from bladeflow.flows.candidates import (
     benchmark_all,
     build_all,
@@ -52,6 +53,13 @@ def optimize_flow(params: OptimizeParams) -> OptimizeResult:
         UserInputError: the source, data or options cannot be used (nothing is registered).
         AccuracyGateError: no candidate passed the accuracy gate (nothing gets an alias).
     """
+    from bladeflow.tasks.convert.dispatch import detect
+    from bladeflow.tasks.convert.seq2seq_source import FORMAT as SEQ2SEQ
+
+    if detect(params.source, params.format) == SEQ2SEQ:  # encoder-decoders: a decoder loop
+        from bladeflow.flows.generation import generation_flow
+
+        return generation_flow(params)
     settings = Settings.from_env().with_tracking_uri(params.tracking_uri)
     stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     run_dir = settings.workdir / f"{params.name}-{stamp}"
@@ -83,10 +91,14 @@ def optimize_flow(params: OptimizeParams) -> OptimizeResult:
         with stage(stages, "optimize") as st:
             # The reference comes first: accuracy recovery searches against it while it builds.
             reference = s.reference_task(params.source, options, model, prepared.data, run_dir)
+            policy = accuracy_budget_task(
+                settings, run_id, params, model, reference, prepared.data.synthetic
+            )
             context = PassContext(
                 data=prepared.data,
                 reference_path=reference,
                 tolerance=params.tolerance,
+                policy=policy,
                 time_budget_s=params.recovery_budget_s,
             )
             candidates, failed = build_all(plan.recipes, model, run_dir / "candidates", context)
@@ -132,15 +144,28 @@ def optimize_flow(params: OptimizeParams) -> OptimizeResult:
                 objective=objective,
                 incumbent=INCUMBENT if incumbent else None,
                 min_speedup=params.min_speedup,
+                planned_rounds=params.bench.rounds if incumbent else None,
             )
+            screened: dict[str, str] = {}
             bench, source_runtime, dropped = benchmark_all(
-                settings, run_id, params, model, timed, prepared.data, batch_sizes, run_dir, decide
+                settings,
+                run_id,
+                params,
+                model,
+                timed,
+                prepared.data,
+                batch_sizes,
+                run_dir,
+                decide,
+                screened,
             )
             for name, why in dropped.items():
                 accuracy[name] = accuracy[name].model_copy(
                     update={"passed": False, "status": Status.FAILED, "reason": why}
                 )
-            passing = [c for c in passing if c.name not in dropped]
+            for name, why in screened.items():  # passed the gate; dominated in a short run
+                accuracy[name] = accuracy[name].model_copy(update={"reason": why})
+            passing = [c for c in passing if c.name not in dropped and c.name not in screened]
             chosen = select_candidate(passing, bench, objective)
             st.outputs = {"chosen": chosen.name, "failed": dropped}
 
@@ -168,8 +193,14 @@ def optimize_flow(params: OptimizeParams) -> OptimizeResult:
         reg.log_metrics(settings, run_id, rr.latency_metrics(bench, result))
         reg.log_artifacts(settings, run_id, reports, "reports")
         if incumbent is not None:
-            verdict = judge_incumbent(
-                bench, chosen.name, INCUMBENT, incumbent, objective, params.min_speedup
+            verdict = judge_incumbent(  # rounds were added until decided: sequential interval
+                bench,
+                chosen.name,
+                INCUMBENT,
+                incumbent,
+                objective,
+                params.min_speedup,
+                planned_rounds=params.bench.rounds,
             )
             lo, hi = verdict.ci
             reg.log_metrics(
@@ -204,7 +235,7 @@ def optimize_flow(params: OptimizeParams) -> OptimizeResult:
             # Passes rewrite the graph, not the tokenizer: ship the converted model's assets.
             artifact = chosen.artifact.model_copy(update={"assets": model.assets})
             chosen = chosen.model_copy(update={"artifact": artifact})
-            tags = rr.version_tags(params, model, chosen, prepared.data)
+            tags = rr.version_tags(params, model, chosen, prepared.data, result.baseline)
             example = {k: v[:1] for k, v in read_data(prepared.data).items()}
             description = version_description(report_md)
             version, uri = s.register_task(

@@ -20,8 +20,8 @@ from bladeflow.tasks.benchmark.select import (
     judge_incumbent,
     more_rounds,
     not_eligible_reason,
-    select_candidate,
     screen,
+    select_candidate,
     simplicity,
 )
 from tests.benchmark.synthetic import rounds
