@@ -90,6 +90,30 @@ def test_a_tie_goes_to_the_simpler_recipe() -> None:
     assert simplicity(cands[2]) < simplicity(cands[1])
 
 
+def test_a_simple_candidate_beaten_by_another_is_no_tie_even_if_the_fastest_is_unsure() -> None:
+    # setup: "fastest" is noisy (its interval against everything is wide); "smooth" beats
+    # "simple" in every round; "simple" would tie with "fastest" alone
+    noisy = [0.45, 1.9, 0.5, 0.55, 1.8, 0.5, 1.7, 0.5]  # best median, widest interval
+    bench = _bench(
+        {
+            BASELINE: {1: _series(20.0, FLAT)},
+            "simple": {1: _series(9.0, W1)},
+            "smooth": {1: _series(7.5, W1)},
+            "fastest": {1: _series(8.0, noisy)},
+        }
+    )
+    cands = [
+        _cand(BASELINE),
+        _cand("simple", "transformer_fusion", "int8_dynamic"),
+        _cand("smooth", "transformer_fusion", "smoothquant", "int8_dynamic"),
+        _cand("fastest", "transformer_fusion", "smoothquant", "int8_dynamic", "session"),
+    ]
+    # execute
+    chosen = select_candidate(cands, bench, LATENCY1)
+    # assert: "simple" is not chosen (smooth beats it); smooth ties the noisy fastest and is simpler
+    assert chosen.name == "smooth"
+
+
 def test_a_significant_win_beats_simplicity() -> None:
     bench = _bench(
         {
