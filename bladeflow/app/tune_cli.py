@@ -56,6 +56,7 @@ def tune_serving(
     from bladeflow.app.orchestration import use_prefect_api
     from bladeflow.app.preflight import check_experiment
     from bladeflow.core.params import TuneParams
+    from bladeflow.tasks.benchmark.incumbent import resolve_version
 
     settings = settings_from(home, tracking_uri)
     try:
@@ -70,6 +71,8 @@ def tune_serving(
             tracking_uri=settings.tracking_uri,
         )
         check_experiment(settings.tracking_uri)
+        # A wrong name or version is refused here, before a Prefect server or flow starts.
+        resolve_version(settings, name, version, what="version", hint="")
         say(
             f"tune-serving: {name} version {version}, p99 <= {slo_p99_ms:g} ms, "
             f"budget {budget_s:g} s (tracking {settings.tracking_uri})"

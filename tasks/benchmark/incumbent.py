@@ -20,8 +20,18 @@ from bladeflow.core.settings import Settings
 INCUMBENT = "incumbent"  # its label in the benchmark report
 
 
-def resolve_version(settings: Settings, name: str, ref: str) -> str:
-    """The version number ``ref`` (a number or an alias such as ``champion``) names."""
+def resolve_version(
+    settings: Settings,
+    name: str,
+    ref: str,
+    what: str = "must_beat",
+    hint: str = ", or leave must_beat unset for a first run",
+) -> str:
+    """The version number ``ref`` (a number or an alias such as ``champion``) names.
+
+    ``what`` names the argument ``ref`` came from and ``hint`` ends the error, so the message fits
+    the command that asked (``--must-beat``, ``tune-serving NAME VERSION``).
+    """
     from mlflow.exceptions import MlflowException
 
     c = client(settings)
@@ -31,8 +41,8 @@ def resolve_version(settings: Settings, name: str, ref: str) -> str:
         return str(c.get_model_version_by_alias(name, ref).version)
     except MlflowException as exc:
         raise UserInputError(
-            f"must_beat={ref!r}: model {name!r} has no such version or alias ({exc.message}). "
-            "Give an existing version number or alias, or leave must_beat unset for a first run."
+            f"{what}={ref!r}: model {name!r} has no such version or alias ({exc.message}). "
+            f"Give an existing version number or alias{hint}."
         ) from exc
 
 

@@ -149,7 +149,7 @@ def tune_serving(
 ) -> TuneResult:
     """Tune serving for ``name``/``version`` (a number or alias) and measure capacity."""
     t0 = time.monotonic()
-    version = resolve_version(settings, name, version)
+    version = resolve_version(settings, name, version, what="version", hint="")
     cores = machine_cores()
     workdir.mkdir(parents=True, exist_ok=True)
     bodies, synthetic = request_bodies(settings, name, version, workdir)

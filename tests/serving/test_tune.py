@@ -271,3 +271,25 @@ def test_tune_serving_on_a_tiny_model(reg: Registry, tmp_path: Path) -> None:
     assert registry.serving_config_from_tag(tag)["max_batch_size"] >= 1
     assert CAPACITY_HEADING in (c.get_model_version("tiny-tune", version).description or "")
     assert any(w.endswith("serving_tune") for w in written)
+
+
+def test_tune_serving_refuses_a_missing_version_before_any_work(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    # execute: a fresh home, no such model
+    env = {**os.environ, "BLADEFLOW_HOME": str(tmp_path / "home")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bladeflow.app.cli", "tune-serving", "nosuch", "3"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    # assert: exit 2 naming the argument, no Prefect server started for it
+    assert proc.returncode == 2, proc.stderr
+    assert "version='3': model 'nosuch' has no such version or alias" in proc.stderr
+    assert "must_beat" not in proc.stderr
+    assert not (tmp_path / "home" / "prefect-local").exists()
