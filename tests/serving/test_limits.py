@@ -65,8 +65,9 @@ def test_full_queue_answers_429_at_once(slow_server: Server):
 
 
 def test_request_past_its_timeout_answers_504(slow_server: Server):
-    # setup: 8,000 rows x ~17 MFLOP = ~134 GFLOP: over 2 s even at one core's fp32 peak
-    body = infer_body(np.ones((8000, 16), np.float32))
+    # setup: 32,000 rows x ~17 MFLOP = ~540 GFLOP: over 2 s even at two cores' fp32 peak
+    # (8,000 rows answered within the 2 s timeout once on a quiet CI machine)
+    body = infer_body(np.ones((32000, 16), np.float32))
     # execute
     r = httpx.post(f"{slow_server.url}/v2/models/heavy/infer", json=body, timeout=60)
     # assert
