@@ -33,7 +33,7 @@ from bladeflow.core.policy import TolerancePolicy
 from bladeflow.core.settings import Settings
 from bladeflow.flows import stages as s
 from bladeflow.tasks.benchmark.probe import one_line, probe
-from bladeflow.tasks.benchmark.select import screen
+from bladeflow.tasks.benchmark.select import not_eligible_reason, screen, select_candidate
 from bladeflow.tasks.optimize.base import PassContext
 from bladeflow.tasks.optimize.recipes import BASELINE, Recipe, RecipePlan
 from bladeflow.tasks.validate.gate import GateOutcome
@@ -143,11 +143,106 @@ def benchmark_all(
 ) -> tuple[BenchmarkReport, str, dict[str, str]]:
     """Time the source and the passing candidates; a candidate that breaks the run is dropped.
 
+    In two phases when there is a decision to make and other batch sizes to check: every
+    candidate at the objective's batch size (rounds added while the choice is undecided, see
+    ``Decision``), then only the chosen one with the baseline at the other batch sizes -- the
+    batch-size guard's question ("is the choice significantly slower than the unoptimized model
+    anywhere?"). If the guard excludes it, the next choice is timed there too, beside it. The
+    other candidates are not timed at the other batch sizes: no choice depends on them, and on a
+    transformer the large batches are most of the benchmark's time (the demo: 281 s -> ~100 s).
+
     With more than ``SCREEN_ABOVE`` candidates, a short screening run first drops those another
-    candidate beats significantly at every batch size (``select.screen``); they are added to
-    ``screened`` (candidate -> reason) and not timed in full.
+    candidate beats significantly (``select.screen``); they are added to ``screened`` (candidate
+    -> reason) and not timed in full.
     Returns the report, what ran the source, and candidate -> reason for those dropped.
     """
+    if decide is None or params.benchmark_work_pool:
+        return _time_all(params, model, timed, data, batch_sizes, run_dir, settings, run_id, None)
+    objective = decide.objective.batch
+    others = [b for b in batch_sizes if b != objective]
+    first_sizes = [objective] if objective in batch_sizes and others else batch_sizes
+    if len(timed) > SCREEN_ABOVE:
+        out = screen_all(params, model, timed, data, first_sizes, decide)
+        timed = {n: m for n, m in timed.items() if n not in out}
+        if screened is not None:
+            screened.update(out)
+    report, runtime, failed = _time_all(
+        params, model, timed, data, first_sizes, run_dir, settings, run_id, decide
+    )
+    if first_sizes == batch_sizes:
+        return report, runtime, failed
+    passing = [c for c in decide.passing if c.name in report.models]
+    checked: list[str] = []
+    for _ in range(GUARD_TRIES):
+        chosen = select_candidate(passing, report, decide.objective).name
+        if chosen == BASELINE or chosen in checked:
+            break
+        checked.append(chosen)
+        names = {BASELINE, *checked}
+        extra = {n: m for n, m in timed.items() if n in names}
+        second, _, broke = _time_all(
+            params, model, extra, data, others, run_dir, settings, run_id, None
+        )
+        failed.update(broke)
+        passing = [c for c in passing if c.name not in broke]
+        report = _merged(report, second)
+        if chosen not in broke and not_eligible_reason(report, chosen, decide.objective) is None:
+            break
+    if not set(others) <= set(report.models.get(BASELINE, {})):  # the table's reference row
+        extra = {n: m for n, m in timed.items() if n == BASELINE}
+        second, _, _ = _time_all(
+            params, model, extra, data, others, run_dir, settings, run_id, None
+        )
+        report = _merged(report, second)
+    if report.baseline is not None:  # now describes every batch size, not only the first phase's
+        runtime = report.baseline.text()
+    return report, runtime, failed
+
+
+# Seconds of rounds added at the objective while a decision is undecided (unless --bench-extra-s).
+INCUMBENT_EXTRA_S = 60.0
+CHOICE_EXTRA_S = 30.0
+# The batch-size guard may exclude the choice at the objective; the next one is tried, this often.
+GUARD_TRIES = 3
+
+
+def _merged(first: BenchmarkReport, second: BenchmarkReport) -> BenchmarkReport:
+    """``first`` (the objective's batch size) with ``second``'s other batch sizes added."""
+    models = {n: dict(per) for n, per in first.models.items()}
+    for name, per in second.models.items():
+        models.setdefault(name, {}).update(per)
+    baseline = first.baseline
+    if baseline is not None and second.baseline is not None:
+        b = second.baseline
+        baseline = baseline.model_copy(
+            update={
+                "eager_faster": sorted({*baseline.eager_faster, *b.eager_faster}),
+                "served_p50_ms": {**baseline.served_p50_ms, **b.served_p50_ms},
+                "eager_p50_ms": {**baseline.eager_p50_ms, **b.eager_p50_ms},
+            }
+        )
+    return first.model_copy(
+        update={
+            "models": models,
+            "skipped_batch_sizes": {**first.skipped_batch_sizes, **second.skipped_batch_sizes},
+            "shapes": first.shapes or second.shapes,
+            "baseline": baseline or second.baseline,
+        }
+    )
+
+
+def _time_all(
+    params: OptimizeParams,
+    model: ModelArtifact,
+    timed: s.Timed,
+    data: DataRef,
+    batch_sizes: list[int],
+    run_dir: Path,
+    settings: Settings,
+    run_id: str,
+    decide: s.Decision | None,
+) -> tuple[BenchmarkReport, str, dict[str, str]]:
+    """One interleaved run of ``timed``; a model that breaks it is found alone and dropped."""
 
     def run(models: s.Timed) -> Any:
         if params.benchmark_work_pool:
@@ -155,9 +250,11 @@ def benchmark_all(
                 settings, run_id, params, model, models, data, batch_sizes, run_dir
             )
         bench = params.bench
-        if decide is not None and decide.incumbent and not bench.extra_seconds:
-            # Registering on noise churns the registry: let a close call earn its verdict.
-            bench = bench.model_copy(update={"extra_seconds": 60.0})
+        if decide is not None and not bench.extra_seconds:
+            # Registering on noise churns the registry, and a choice made on too few rounds
+            # flips from run to run: let a close call earn its verdict.
+            extra = INCUMBENT_EXTRA_S if decide.incumbent else CHOICE_EXTRA_S
+            bench = bench.model_copy(update={"extra_seconds": extra})
         return s.benchmark_task.submit(
             params.source,
             s.convert_options(params),
@@ -169,11 +266,6 @@ def benchmark_all(
             decide,
         )
 
-    if decide is not None and not params.benchmark_work_pool and len(timed) > SCREEN_ABOVE:
-        out = screen_all(params, model, timed, data, batch_sizes, decide)
-        timed = {n: m for n, m in timed.items() if n not in out}
-        if screened is not None:
-            screened.update(out)
     fut = run(timed)
     state = fut.wait() or fut.state
     if state.is_completed():

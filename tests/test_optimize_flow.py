@@ -88,6 +88,20 @@ def test_flow_registers_the_chosen_model_with_schema_tags(
     )
     text = Path(local).read_text()
     assert "Latency" in text and f"{result.latency_ms['chosen'][1].p50_ms:.3f}" in text
+    # the benchmark timed every candidate at the objective's batch size, and only the chosen one
+    # beside the baseline (and the source) at the others: no choice depends on the rest there
+    bench = json.loads(
+        Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=result.run_id,
+                artifact_path="reports/benchmark.json",
+                tracking_uri=settings.tracking_uri,
+            )
+        ).read_text()
+    )["models"]
+    assert len(bench) > 3 and all("1" in per for per in bench.values())
+    full = {name for name, per in bench.items() if set(per) == {"1", "4"}}
+    assert full == {"source", "baseline", result.candidate}
     children = c.search_runs(
         [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{result.run_id}'"
     )

@@ -244,6 +244,12 @@ class BenchmarkReport(BaseModel):
     baseline: SourceBaseline | None = Field(
         None, description="what ran as 'source' (None: the ONNX graph in ONNX Runtime)"
     )
+    planned_rounds: int | None = Field(
+        None,
+        description="set when the benchmark could add rounds until a decision was significant: "
+        "the rounds planned before that, so every interval is judged at the sequential "
+        "confidence (bladeflow.core.stats.sequential_confidence)",
+    )
 
     def speedup_ci(self, new: str, old: str) -> dict[int, tuple[float, float]]:
         """Batch size -> 95% interval of ``old/new`` latency over the paired rounds.

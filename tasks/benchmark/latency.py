@@ -92,6 +92,8 @@ def benchmark(
         for _ in range(settings.rounds):
             _round(calls, feeds, bs, timings, settings.iterations, budget)
 
+    sequential = more is not None and settings.extra_seconds > 0
+
     def report() -> BenchmarkReport:
         return BenchmarkReport(
             models={
@@ -100,6 +102,7 @@ def benchmark(
             },
             skipped_batch_sizes=skipped,
             shapes={k: list(v.shape[1:]) for k, v in data.items()},
+            planned_rounds=settings.rounds if sequential else None,
         )
 
     deadline = time.perf_counter() + settings.extra_seconds

@@ -52,9 +52,12 @@ def speedup_at(
     per-round medians (an older run, an older remote worker) gives the plain ratio of medians as
     a zero-width interval: the decision falls back to the point estimate, as before intervals.
     ``planned_rounds``: the benchmark started with this many rounds and added more until the
-    decision was made, so the interval uses ``sequential_confidence`` (wider) to stay honest.
+    decision was made, so the interval uses ``sequential_confidence`` (wider) to stay honest;
+    unset, the report's own ``planned_rounds`` (set by a benchmark that could add rounds).
     """
     a, b = bench.models[new][batch], bench.models[old][batch]
+    if planned_rounds is None:
+        planned_rounds = bench.planned_rounds
     if len(a.round_medians_ms) == len(b.round_medians_ms) and a.round_medians_ms:
         confidence = (
             CONFIDENCE
@@ -187,11 +190,33 @@ def more_rounds(
         if incumbent_label is not None and incumbent_label in bench.models:
             sp = speedup_at(bench, chosen.name, incumbent_label, batch, planned_rounds)
             return None if sp.decided(min_speedup) else batch
+        if _open_tie(bench, timed, chosen, batch):
+            return batch
         if chosen.name == BASELINE or BASELINE not in bench.models:
             return None
         return None if speedup_at(bench, chosen.name, BASELINE, batch).decided() else batch
 
     return more
+
+
+# Two candidates within this factor of each other are the same speed for the choice: once the
+# interval of a faster-looking one against the chosen one lies below it, more rounds cannot matter.
+SAME_SPEED = 1.05
+
+
+def _open_tie(
+    bench: BenchmarkReport, timed: list[Candidate], chosen: Candidate, batch: int
+) -> bool:
+    """True while a faster-looking candidate ties with the chosen one but may still be faster by
+    more than ``SAME_SPEED``: the choice rests on too few rounds (seen on MiniLM: 5 rounds chose
+    int8-recovered twice, then smooth-int8-recovered, a x1.5 faster one, the third time)."""
+    for d in timed:
+        if d is chosen or batch not in bench.models.get(d.name, {}):
+            continue
+        sp = speedup_at(bench, d.name, chosen.name, batch)
+        if sp.estimate > 1.0 and sp.verdict is Verdict.TIE and sp.hi >= SAME_SPEED:
+            return True
+    return False
 
 
 def percent(confidence: float) -> str:

@@ -248,3 +248,37 @@ def test_screening_keeps_candidates_within_the_noise() -> None:
         dropped += len(screen([a_c, b_c], _bench({"a": {1: a}, "b": {1: b}})))
     # assert: at 95% per comparison and two comparisons, drops of a tied candidate stay rare
     assert dropped / 200 <= 0.12
+
+
+def test_more_rounds_while_a_faster_looking_candidate_may_still_beat_the_chosen_one() -> None:
+    # setup: "int8" looks 6% faster than the simpler "fused" but ties with it on these rounds
+    base, fused = _series(20.0, FLAT), _series(10.0, W1)
+    close = _bench({BASELINE: {1: base}, "fused": {1: fused}, "int8": {1: _series(9.5, W2)}})
+    cands = [_cand(BASELINE), _cand("fused", "transformer_fusion"), _cand("int8", "f", "q")]
+    more = more_rounds(cands, LATENCY1)
+    # execute / assert: the choice (the simpler one) rests on a tie that may still break
+    assert select_candidate(cands, close, LATENCY1).name == "fused"
+    assert more(close) == 1
+    # once the faster-looking one is within SAME_SPEED for sure, more rounds cannot matter
+    same = _bench({BASELINE: {1: base}, "fused": {1: fused}, "int8": {1: _series(9.95, FLAT)}})
+    W1_tight = [1.0 + (w - 1.0) / 20 for w in W1]
+    same.models["fused"][1] = _stats(1, _series(10.0, W1_tight))
+    assert more(same) is None
+    # and a significant win is a decision too: the faster one is chosen, no more rounds
+    clear = _bench({BASELINE: {1: base}, "fused": {1: fused}, "int8": {1: _series(6.0, W2)}})
+    assert select_candidate(cands, clear, LATENCY1).name == "int8"
+    assert more(clear) is None
+
+
+def test_a_report_that_could_add_rounds_is_judged_at_the_sequential_confidence() -> None:
+    from bladeflow.tasks.benchmark.select import speedup_at
+
+    # setup: the same rounds, once from a fixed-round benchmark and once from one that could add
+    per = {"new": {1: _series(9.0, W1)}, "old": {1: _series(10.0, W2)}}
+    fixed, sequential = _bench(per), _bench(per)
+    sequential.planned_rounds = 5
+    # execute
+    a, b = speedup_at(fixed, "new", "old", 1), speedup_at(sequential, "new", "old", 1)
+    # assert: same estimate, a wider interval (the error budget spent across looks)
+    assert a.estimate == b.estimate
+    assert b.lo < a.lo and b.hi > a.hi
