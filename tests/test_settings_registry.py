@@ -116,3 +116,34 @@ def test_an_s3_experiment_without_credentials_fails_before_any_work(
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
     assert ensure_experiment(settings)  # with credentials it is usable
+
+
+def test_a_known_sqlite_experiment_is_found_without_importing_mlflow(tmp_path: Path):
+    # setup: a first command creates the database and the experiment through MLflow
+    home = tmp_path / "home"
+    script = (
+        "import sys, json\n"
+        "from bladeflow.core.settings import Settings\n"
+        "from bladeflow.tasks.register.mlflow_registry import ensure_experiment\n"
+        f"s = Settings.from_env(home={str(home)!r})\n"
+        "eid = ensure_experiment(s)\n"
+        "print(json.dumps([eid, 'mlflow' in sys.modules]))\n"
+    )
+
+    def run() -> list[object]:
+        out = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True
+        )
+        return list(json.loads(out.stdout.strip().splitlines()[-1]))
+
+    first = run()
+    # execute: a later command on the same home
+    second = run()
+    # assert: the same experiment, looked up with sqlite3 alone (MLflow's store import is ~4 s)
+    assert first == [first[0], True]
+    assert second == [first[0], False]
+    # a database another MLflow version verified goes through MLflow's own check again
+    marker = next(home.glob("*.bladeflow-checked"))
+    marker.write_text("0.0.1\n")
+    assert run() == [first[0], True]
+    assert marker.read_text().strip() != "0.0.1"
