@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,8 @@ from bladeflow.tasks.optimize.base import PassContext
 from bladeflow.tasks.optimize.recipes import BASELINE, Recipe, RecipePlan
 from bladeflow.tasks.validate.gate import GateOutcome
 from bladeflow.tasks.validate.prepare import PreparedData, read_data
+from bladeflow.tasks.validate.twins import probe as twin_probe
+from bladeflow.tasks.validate.twins import same_outputs, twin_key
 
 
 class BaselineError(BladeflowError):
@@ -93,13 +96,32 @@ def validate_all(
     policy: TolerancePolicy,
     reports: Path,
 ) -> tuple[dict[str, GateOutcome], dict[str, AccuracyReport]]:
-    """The accuracy gate for every candidate; one that cannot even run is FAILED with why."""
+    """The accuracy gate for every candidate; one that cannot even run is FAILED with why.
+
+    A twin (the same graph as an earlier candidate, under thread settings only) inherits that
+    candidate's verdict when its outputs on a probe of the data are bitwise the same
+    (``bladeflow.tasks.validate.twins``); otherwise it is validated in full.
+    """
+    leaders: dict[tuple[str, str, tuple[str, ...], str], Candidate] = {}
+    twins: list[tuple[Candidate, Candidate]] = []
+    for c in candidates:
+        leader = leaders.setdefault(twin_key(c), c)
+        if leader is not c and c.name != BASELINE:
+            twins.append((c, leader))
+    twin_names = {c.name for c, _ in twins}
     futures = [
         (c, s.validate_task.submit(c, reference, prepared, policy, reports / "gx"))
         for c in candidates
+        if c.name not in twin_names
     ]
     outcomes: dict[str, GateOutcome] = {}
     accuracy: dict[str, AccuracyReport] = {}
+    outcomes_of_twins, full = _inherit(twins, outcomes_of(futures), prepared)
+    futures += [
+        (c, s.validate_task.submit(c, reference, prepared, policy, reports / "gx")) for c in full
+    ]
+    outcomes.update(outcomes_of_twins)
+    accuracy.update({n: o.report for n, o in outcomes_of_twins.items()})
     for cand, fut in futures:
         state = fut.wait() or fut.state
         if state.is_completed():
@@ -115,6 +137,57 @@ def validate_all(
             cand.name, Status.FAILED, f"validation failed: {one_line(exc)}", prepared.data
         )
     return outcomes, accuracy
+
+
+def outcomes_of(futures: list[tuple[Candidate, Any]]) -> dict[str, GateOutcome]:
+    """The outcomes of the validations that completed (waiting for each)."""
+    done: dict[str, GateOutcome] = {}
+    for cand, fut in futures:
+        state = fut.wait() or fut.state
+        if state.is_completed():
+            done[cand.name] = fut.result()
+    return done
+
+
+def _inherit(
+    twins: list[tuple[Candidate, Candidate]],
+    leaders: dict[str, GateOutcome],
+    prepared: PreparedData,
+) -> tuple[dict[str, GateOutcome], list[Candidate]]:
+    """(twin -> the leader's outcome under the twin's name, twins to validate in full)."""
+    if not twins:
+        return {}, []
+    data = twin_probe(read_data(prepared.data))
+    inherited: dict[str, GateOutcome] = {}
+    full: list[Candidate] = []
+    for twin, leader in twins:
+        outcome = leaders.get(leader.name)
+        try:
+            same = outcome is not None and same_outputs(leader, twin, data)
+        except Exception as exc:  # noqa: BLE001 -- the full validation reports it properly
+            get_run_logger().info("validate: %s: probe failed (%s)", twin.name, one_line(exc))
+            same = False
+        if not same or outcome is None:
+            full.append(twin)
+            continue
+        rows = len(next(iter(data.values())))
+        report = outcome.report.model_copy(
+            update={
+                "candidate": twin.name,
+                "reason": outcome.report.reason
+                or f"same graph as {leader.name} (outputs bitwise equal on {rows} samples)",
+            }
+        )
+        inherited[twin.name] = replace(outcome, report=report)
+        get_run_logger().info(
+            "validate: %s %s, as %s: the same graph under other thread settings, outputs "
+            "bitwise equal on %d samples",
+            twin.name,
+            "passed" if report.passed else "FAILED",
+            leader.name,
+            rows,
+        )
+    return inherited, full
 
 
 def not_run(name: str, status: Status, reason: str, data: DataRef) -> AccuracyReport:

@@ -180,3 +180,34 @@ def test_intolerant_gate_falls_back_to_the_exact_model(
     assert result.accuracy["y"].max_abs_error == 0.0
     mv = _client(settings).get_model_version("strict", result.version)
     assert mv.tags[registry.TAG_CANDIDATE] == "baseline"
+
+
+def test_a_twin_under_other_thread_settings_inherits_the_verdict_once_checked(
+    tmp_path: Path, settings: Settings, bench_fast: dict[str, int]
+):
+    # setup: two recipes producing the same graph, one run with other thread settings
+    src = models.mlp(tmp_path / "mlp.onnx", features=8)
+    data = tmp_path / "val.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((60, 8)).astype(np.float32))
+    params = OptimizeParams(
+        source=str(src),
+        name="mlp-twins",
+        data=str(data),
+        batch_sizes=[1],
+        bench=bench_fast,
+        passes="ort_graph:level=all,ort_graph:level=all+session:threads=1;spinning=false",
+    )
+    # execute
+    result = optimize_flow(params)
+    # assert: the twin was not validated again; its outputs were compared bitwise on a probe
+    c = _client(settings)
+    local = mlflow.artifacts.download_artifacts(
+        run_id=result.run_id, artifact_path="reports/accuracy.json", tracking_uri=c.tracking_uri
+    )
+    reports = json.loads(Path(local).read_text())
+    twin = reports["ort_graph-levelall_session-threads1-spinningfalse"]
+    assert twin["passed"] and "same graph as ort_graph-levelall" in twin["reason"]
+    assert "bitwise equal on 48 samples" in twin["reason"]
+    assert (
+        "reason" not in reports["ort_graph-levelall"] or not reports["ort_graph-levelall"]["reason"]
+    )
