@@ -106,6 +106,7 @@ def benchmark(
         )
 
     deadline = time.perf_counter() + settings.extra_seconds
+    added = 0
     while more is not None and settings.extra_seconds > 0 and time.perf_counter() < deadline:
         bs_more = more(report())
         if bs_more is None or bs_more not in sizes:
@@ -113,9 +114,15 @@ def benchmark(
         done = len(next(iter(timings.values()))[bs_more])
         if done >= settings.max_rounds:
             break
-        if progress:
-            progress(f"benchmark: undecided at batch size {bs_more}, adding round {done + 1}")
+        if progress and done == settings.rounds:
+            progress(
+                f"benchmark: undecided at batch size {bs_more} after {done} rounds, adding "
+                f"rounds for up to {settings.extra_seconds:g} s"
+            )
         _round(calls, tile(data, bs_more), bs_more, timings, settings.iterations, budget)
+        added = max(added, done + 1 - settings.rounds)
+    if progress and added:
+        progress(f"benchmark: {added} rounds added")
     return report()
 
 
