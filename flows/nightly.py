@@ -8,7 +8,9 @@ tool versions and the hardware fingerprint. An unchanged key skips the model. Ot
 optimize flow runs again with the recorded parameters and ``must_beat`` set to the current
 version: it times the current version in the same interleaved benchmark as the new candidates and
 registers a new version only if it beats the current one by ``min_speedup`` (so nothing is
-registered and then deleted). Every run leaves a summary artifact.
+registered and then deleted). With ``tune_serving`` (on by default) every version it registers is
+tuned for serving (tag ``bladeflow.serving_config``) before any release starts; a failed tune keeps
+the version and the check's reason says why. Every run leaves a summary artifact.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
 from bladeflow.core import registry
-from bladeflow.core.contract import Tolerance
+from bladeflow.core.contract import OptimizeResult, Tolerance
 from bladeflow.core.environment import hardware_fingerprint, tool_versions
 from bladeflow.core.errors import AccuracyGateError, BladeflowError
 from bladeflow.core.hashing import sha256_path
@@ -55,6 +57,7 @@ class ModelCheck(BaseModel):
     speedup_ci: tuple[float, float] | None = None  # 95% interval, paired by benchmark round
     key: str | None = None
     released: bool = False
+    serving_config: dict[str, Any] | None = None  # the kept version's tuned config, when tuned
 
 
 class Plan(BaseModel):
@@ -182,8 +185,15 @@ def check_model(settings: Settings, name: str, params: NightlyParams) -> ModelCh
     logger.info("nightly: re-optimizing %s (changed: %s)", name, changed)
     # The optimize flow times the current version beside the new candidates and registers
     # nothing unless the chosen one beats it by min_speedup: no version to delete afterwards.
+    # With tune_serving, the optimize flow tunes the version it registers before returning, so a
+    # release started below runs it with its own serving config from the first request.
     op = plan.params.model_copy(
-        update={"must_beat": plan.current_version, "min_speedup": params.min_speedup}
+        update={
+            "must_beat": plan.current_version,
+            "min_speedup": params.min_speedup,
+            "tune_serving": params.tune_serving,
+            "tune": params.tune,
+        }
     )
     try:
         result = optimize_flow(op)
@@ -204,12 +214,25 @@ def check_model(settings: Settings, name: str, params: NightlyParams) -> ModelCh
         new_version=result.version if keep else None,
         speedup=round(speedup, 3),
         speedup_ci=result.incumbent_speedup_ci,
+        serving_config=result.serving_config if keep else None,
         reason=f"changed: {changed}; x{speedup:.2f} [{lo:.2f}-{hi:.2f}] vs "
-        f"v{plan.current_version} (low end {'>=' if keep else '<'} {params.min_speedup})",
+        f"v{plan.current_version} (low end {'>=' if keep else '<'} {params.min_speedup})"
+        f"{_tune_note(result) if keep and params.tune_serving else ''}",
     )
     if keep and params.release:
         check.released = _release(params.release_deployment, name, result.version)
     return check
+
+
+def _tune_note(result: OptimizeResult) -> str:
+    """``; serving tuned: ...`` or ``; not tuned: why`` for a kept version's reason."""
+    config = result.serving_config
+    if config:
+        return (
+            f"; serving tuned: {config.get('sustained_qps')} QPS at p99 <= "
+            f"{config.get('slo_p99_ms')} ms"
+        )
+    return f"; not tuned: {result.serving_tune_reason}"
 
 
 def _speedup(check: ModelCheck) -> str:

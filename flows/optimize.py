@@ -1,9 +1,10 @@
-"""The optimize flow: convert -> optimize -> validate -> benchmark -> register.
+"""The optimize flow: convert -> optimize -> validate -> benchmark -> register (-> tune-serving).
 
 This module wires the stages; their work lives in ``tasks/<stage>/``, the Prefect task wrappers in
 ``flows/stages.py`` and the candidate tournament in ``flows/candidates.py``. A candidate whose
 pass, validation or benchmark raises is FAILED with its reason and the others go on; only a
-baseline that cannot run ends the run.
+baseline that cannot run ends the run. With ``tune_serving``, the registered version's serving is
+tuned last (``flows/tune.py``); a failed tune is reported, never unregisters it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from bladeflow.flows.candidates import (
     stage,
     validate_all,
 )
+from bladeflow.flows.tune import tune_registered
 from bladeflow.tasks.benchmark.incumbent import INCUMBENT, resolve_version
 from bladeflow.tasks.benchmark.select import judge_incumbent, select_candidate
 from bladeflow.tasks.optimize.base import PassContext
@@ -59,7 +61,8 @@ def optimize_flow(params: OptimizeParams) -> OptimizeResult:
     if detect(params.source, params.format) == SEQ2SEQ:  # encoder-decoders: a decoder loop
         from bladeflow.flows.generation import generation_flow
 
-        return generation_flow(params)
+        generated = generation_flow(params)
+        return tune_registered(params, generated) if params.tune_serving else generated
     settings = Settings.from_env().with_tracking_uri(params.tracking_uri)
     stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     run_dir = settings.workdir / f"{params.name}-{stamp}"
@@ -248,13 +251,14 @@ def optimize_flow(params: OptimizeParams) -> OptimizeResult:
             description=f"{params.name} v{version}",
         )
         _end(settings, run_id, Outcome.REGISTERED, "", version=version)
-        return result
     except AccuracyGateError as exc:
         _end(settings, run_id, Outcome.ACCURACY_GATE_FAILED, str(exc))
         raise
     except BaseException as exc:
         _end(settings, run_id, Outcome.ERROR, str(exc))
         raise
+    # After the run ended as registered: whatever the tune does, the version stays.
+    return tune_registered(params, result) if params.tune_serving else result
 
 
 def _end(settings: Settings, run_id: str, outcome: Outcome, reason: str, version: str = "") -> None:

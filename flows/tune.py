@@ -7,11 +7,15 @@ optimize/nightly flows call the task after registering a version.
 
 from __future__ import annotations
 
+import time
+
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from bladeflow.core.params import TuneParams
+from bladeflow.core.contract import OptimizeResult, StageResult
+from bladeflow.core.outcome import Outcome, Status
+from bladeflow.core.params import OptimizeParams, TuneParams
 from bladeflow.core.settings import Settings
 from bladeflow.tasks.benchmark.serving_tune import (
     TuneResult,
@@ -55,3 +59,46 @@ def tune_serving_task(params: TuneParams) -> TuneResult:
 def tune_serving_flow(params: TuneParams) -> TuneResult:
     """Tune ``bladeflow serve`` for a registered version (see tasks/benchmark/serving_tune.py)."""
     return tune_serving_task(params)
+
+
+TUNE_STAGE = "tune-serving"
+
+
+def tune_registered(params: OptimizeParams, result: OptimizeResult) -> OptimizeResult:
+    """``result`` with the serving tune of the version it registered (``params.tune``).
+
+    Runs after registration and never undoes it: a tune that raises leaves the version registered
+    (serving with the defaults) and ``serving_tune_reason`` says why, as does the stage's reason.
+    """
+    if result.outcome != Outcome.REGISTERED.value or not result.version:
+        return result.model_copy(update={"serving_tune_reason": "nothing registered to tune"})
+    logger = get_run_logger()
+    stage = StageResult(stage=TUNE_STAGE, status=Status.OK, elapsed_s=0.0)
+    started = time.perf_counter()
+    update: dict[str, object] = {}
+    try:
+        tune = TuneParams(
+            name=result.name,
+            version=result.version,
+            tracking_uri=params.tracking_uri,
+            **params.tune.model_dump(),
+        )
+        tuned = tune_serving_task(tune)
+    except Exception as exc:  # reported in the result and the run log, never hidden
+        logger.exception("tune-serving of %s v%s failed", result.name, result.version)
+        reason = (
+            f"serving tune failed, so version {result.version} stays registered without a "
+            f"serving config (it serves with the defaults): {type(exc).__name__}: {exc}"
+        )
+        stage.status, stage.reason = Status.FAILED, reason[:2000]
+        update["serving_tune_reason"] = stage.reason
+    else:
+        update["serving_config"] = tuned.serving_config
+        update["capacity"] = tuned.capacity.model_dump(mode="json")
+        stage.outputs = {"serving_config": tuned.serving_config, "seconds": tuned.seconds}
+        stage.metrics = {"tuned_qps": tuned.tuned_qps, "default_qps": tuned.default_qps}
+        if tuned.serving_config is None:
+            stage.reason = f"{tuned.reason}; the version serves with the defaults"
+            update["serving_tune_reason"] = stage.reason
+    stage.elapsed_s = round(time.perf_counter() - started, 3)
+    return result.model_copy(update={**update, "stages": [*result.stages, stage]})

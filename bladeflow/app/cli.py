@@ -216,6 +216,31 @@ def optimize(
     approval: bool = typer.Option(
         False, "--approval", help="With --release: pause for approval in the Prefect UI."
     ),
+    tune_serving: bool = typer.Option(
+        False,
+        "--tune-serving",
+        help="After registering, tune `bladeflow serve` for the new version like `bladeflow "
+        "tune-serving` (real server, open-loop load): the winner becomes its "
+        "bladeflow.serving_config tag, capacity goes in its description and the result; runs "
+        "before --release. A failed tune leaves the version registered and says why.",
+    ),
+    tune_slo_p99_ms: float | None = typer.Option(
+        None,
+        "--tune-slo-p99-ms",
+        help="With --tune-serving: the p99 latency (ms) a sustained rate must keep [default: 100].",
+    ),
+    tune_budget_s: float | None = typer.Option(
+        None,
+        "--tune-budget-s",
+        help="With --tune-serving: seconds for the whole search, the source's included (at "
+        "least 40; under 100 the source is not searched) [default: 300].",
+    ),
+    tune_target_qps: float | None = typer.Option(
+        None,
+        "--tune-target-qps",
+        help="With --tune-serving: requests/s the capacity numbers (cores needed) plan for "
+        "[default: 1000].",
+    ),
     as_json: bool = typer.Option(
         False, "--json", help="Print one JSON object on stdout (progress stays on stderr)."
     ),
@@ -261,6 +286,7 @@ def optimize(
             benchmark_work_pool=benchmark_work_pool,
             must_beat=must_beat,
             min_speedup=min_speedup,
+            **_tune_options(tune_serving, tune_slo_p99_ms, tune_budget_s, tune_target_qps),
             tracking_uri=settings.tracking_uri,
         )
         check_optimize_input(params)
@@ -273,6 +299,8 @@ def optimize(
         typer.echo(result.model_dump_json(indent=2))
     else:
         print_result(result, settings, quiet)
+        if tune_serving:
+            typer.echo(_tune_line(result))
     if result.outcome == "not_improved":
         raise typer.Exit(EXIT_NOT_IMPROVED)
     if release:
@@ -402,6 +430,49 @@ def _gate_options(
     if accuracy is not None:
         return {"accuracy": parse_budget(accuracy).text()}
     return {"tolerance": given} if given else {}
+
+
+def _tune_options(
+    tune: bool, slo_p99_ms: float | None, budget_s: float | None, target_qps: float | None
+) -> dict[str, Any]:
+    """``tune_serving`` and the ``tune`` settings given; a --tune-* value without
+    --tune-serving is refused rather than ignored."""
+    given = {
+        k: v
+        for k, v in {
+            "slo_p99_ms": slo_p99_ms,
+            "budget_s": budget_s,
+            "target_qps": target_qps,
+        }.items()
+        if v is not None
+    }
+    if given and not tune:
+        flags = ", ".join("--tune-" + k.replace("_", "-") for k in given)
+        raise UserInputError(
+            f"without --tune-serving, {flags} would be ignored: add --tune-serving, or leave "
+            f"{'it' if len(given) == 1 else 'them'} out"
+        )
+    return {"tune_serving": True, "tune": given} if tune else {}
+
+
+def _tune_line(result: Any) -> str:
+    """What --tune-serving did, for the human-readable result."""
+    config, capacity = result.serving_config, result.capacity or {}
+    if not config:
+        return f"\nServing not tuned: {result.serving_tune_reason}"
+    knobs = " ".join(
+        f"{k}={config[k]}"
+        for k in ("max_batch_size", "batch_timeout_ms", "workers", "intra_op_threads")
+        if k in config
+    )
+    line = (
+        f"\nServing tuned (tag bladeflow.serving_config): {knobs}; sustains "
+        f"{config.get('sustained_qps')} requests/s at p99 <= {config.get('slo_p99_ms')} ms "
+        f"(defaults: {config.get('default_qps')})"
+    )
+    if capacity.get("saved_percent") is not None:
+        line += f"; {capacity['saved_percent']:g} % fewer cores than the source"
+    return line
 
 
 def _budget_line(params: Any) -> str:

@@ -94,4 +94,7 @@ def tune_serving(
     typer.echo(table_markdown(result))
     typer.echo("")
     typer.echo(capacity_markdown(result))
-    typer.echo(f"serving_config: {result.serving_config}")
+    if result.serving_config is None:
+        typer.echo(f"serving_config: none recorded ({result.reason})")
+    else:
+        typer.echo(f"serving_config: {result.serving_config}")

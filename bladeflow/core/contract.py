@@ -377,3 +377,17 @@ class OptimizeResult(BaseModel):
     speedup_vs_eager: dict[int, float] = Field(
         default_factory=dict, description="batch size -> eager p50 / chosen p50 (where timed)"
     )
+    serving_config: dict[str, Any] | None = Field(
+        None,
+        description="with tune_serving: the configuration recorded as the version tag "
+        "bladeflow.serving_config (None: not tuned, or no configuration held the SLO; see "
+        "serving_tune_reason)",
+    )
+    capacity: dict[str, Any] | None = Field(
+        None,
+        description="with tune_serving: sustained QPS per core at the SLO, cores for the target "
+        "rate and resources saved against the source (as `bladeflow tune-serving --json`)",
+    )
+    serving_tune_reason: str | None = Field(
+        None, description="with tune_serving: why no serving configuration was recorded"
+    )

@@ -7,7 +7,9 @@ Flow parameters are stored by Prefect and shown in its UI, so none of them may c
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field, field_validator
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, Field, field_validator
 
 from bladeflow.core import registry
 from bladeflow.core.budget import AccuracyBudget, OutputFacts, parse_budget
@@ -26,6 +28,13 @@ def no_password(uri: str | None) -> str | None:
             "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD in the environment instead"
         )
     return uri
+
+
+# The two checks every flow's parameters share, as types: a field annotated with one runs it.
+# check_model_name raises UserInputError (not ValueError), so pydantic lets it through unwrapped:
+# the CLI and the flows report the same one-paragraph message as before.
+ModelName = Annotated[str, AfterValidator(registry.check_model_name)]
+TrackingUri = Annotated[str | None, AfterValidator(no_password)]
 
 
 class Objective(BaseModel):
@@ -74,11 +83,26 @@ class BenchParams(BaseModel):
     max_rounds: int = Field(50, ge=1, description="rounds at most, extra rounds included")
 
 
+class ServingTune(BaseModel):
+    """How the serving tuner searches: the SLO, its time budget and the capacity target.
+
+    ``bladeflow tune-serving`` takes these as flags; the optimize and nightly flows as their
+    ``tune`` field, used when ``tune_serving`` is on.
+    """
+
+    slo_p99_ms: float = Field(100.0, gt=0, description="p99 latency a sustained rate must keep")
+    # 40: the least in which the search measures one configuration (a server start-up and 15 s
+    # of steps, tasks/benchmark/serving_search.py) with room for its time checks; 30 measured none.
+    budget_s: float = Field(300.0, ge=40, description="time for the whole search, source included")
+    target_qps: float = Field(1000.0, gt=0, description="rate the capacity numbers plan for")
+    source: bool = Field(True, description="also tune the unoptimized source, for 'saved %'")
+
+
 class OptimizeParams(BaseModel):
     """Parameters of the optimize flow (the Prefect UI renders them as a form)."""
 
     source: str = Field(description="model file/folder/URI to optimize")
-    name: str = Field(description="registered model name in MLflow")
+    name: ModelName = Field(description="registered model name in MLflow")
     data: str | None = Field(
         None,
         description="validation data: .npz / folder of .npy (arrays by input name), or "
@@ -144,17 +168,16 @@ class OptimizeParams(BaseModel):
     min_speedup: float = Field(
         1.0, gt=0, description="with must_beat: incumbent/chosen at the objective, at least"
     )
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI override")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return registry.check_model_name(v)
-
-    @field_validator("tracking_uri")
-    @classmethod
-    def _no_credentials(cls, v: str | None) -> str | None:
-        return no_password(v)
+    tune_serving: bool = Field(
+        False,
+        description="after registering, tune `bladeflow serve` for the new version (the "
+        "bladeflow.serving_config tag and the capacity numbers); a failed tune leaves the version "
+        "registered and the result says why",
+    )
+    tune: ServingTune = Field(
+        default_factory=ServingTune, description="with tune_serving: the SLO, budget and target"
+    )
+    tracking_uri: TrackingUri = Field(None, description="MLflow tracking URI override")
 
     @field_validator("batch_sizes")
     @classmethod
@@ -212,12 +235,18 @@ class NightlyParams(BaseModel):
         False, description="start the release deployment for each kept version (when registered)"
     )
     release_deployment: str = Field("release/release", description="flow/deployment to start")
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI override")
-
-    @field_validator("tracking_uri")
-    @classmethod
-    def _no_credentials(cls, v: str | None) -> str | None:
-        return no_password(v)
+    # On by default: nightly runs unattended on otherwise idle cores, and a version it keeps may be
+    # released right away (`release`); untuned, it would serve with the flags' defaults, not with
+    # a configuration measured for it. It costs `tune.budget_s` per registered version only.
+    tune_serving: bool = Field(
+        True,
+        description="tune `bladeflow serve` for each version the run registers, before any "
+        "release (bladeflow.serving_config tag, capacity); a failed tune keeps the version",
+    )
+    tune: ServingTune = Field(
+        default_factory=ServingTune, description="with tune_serving: the SLO, budget and target"
+    )
+    tracking_uri: TrackingUri = Field(None, description="MLflow tracking URI override")
 
 
 def default_endpoints() -> list[str]:
@@ -231,7 +260,7 @@ def default_endpoints() -> list[str]:
 class ReleaseParams(BaseModel):
     """Parameters of the release flow (the Prefect UI renders them as a form)."""
 
-    name: str = Field(description="registered model name")
+    name: ModelName = Field(description="registered model name")
     version: str = Field(description="version to release (must be tagged bladeflow.validated)")
     plan: ReleasePlan = Field(default_factory=ReleasePlan)
     approval: bool = Field(False, description="pause for approval in the UI before the last stage")
@@ -241,12 +270,7 @@ class ReleaseParams(BaseModel):
     actor: str | None = Field(
         None, description="who triggered it [default: $BLADEFLOW_ACTOR/$USER]"
     )
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI override")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return registry.check_model_name(v)
+    tracking_uri: TrackingUri = Field(None, description="MLflow tracking URI override")
 
     @field_validator("endpoints")
     @classmethod
@@ -255,29 +279,10 @@ class ReleaseParams(BaseModel):
             raise ValueError("endpoints must be one or more http(s):// base URLs of serving")
         return v
 
-    @field_validator("tracking_uri")
-    @classmethod
-    def _no_credentials(cls, v: str | None) -> str | None:
-        return no_password(v)
 
-
-class TuneParams(BaseModel):
+class TuneParams(ServingTune):
     """Parameters of the serving tuner (``bladeflow tune-serving``, the tune task of the flows)."""
 
-    name: str = Field(description="registered model name")
+    name: ModelName = Field(description="registered model name")
     version: str = Field(description="version number or alias to tune")
-    slo_p99_ms: float = Field(100.0, gt=0, description="p99 latency a sustained rate must keep")
-    budget_s: float = Field(300.0, ge=30, description="time for the whole search, source included")
-    target_qps: float = Field(1000.0, gt=0, description="rate the capacity numbers plan for")
-    source: bool = Field(True, description="also tune the unoptimized source, for 'saved %'")
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI override")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return registry.check_model_name(v)
-
-    @field_validator("tracking_uri")
-    @classmethod
-    def _no_credentials(cls, v: str | None) -> str | None:
-        return no_password(v)
+    tracking_uri: TrackingUri = Field(None, description="MLflow tracking URI override")

@@ -33,6 +33,7 @@ from bladeflow.core.mlflow_client import mlflow_client
 from bladeflow.core.settings import Settings
 from bladeflow.tasks.benchmark.incumbent import download_version, resolve_version
 from bladeflow.tasks.benchmark.serving_search import (
+    MIN_CONFIG_S,
     ModelTuning,
     Say,
     machine_cores,
@@ -43,6 +44,11 @@ from bladeflow.tasks.benchmark.serving_server import ServedModel, source_registr
 ARTIFACT_DIR = "serving_tune"
 CAPACITY_HEADING = "## Serving capacity"
 SOURCE_SHARE = 0.35  # of the budget, for the source's (coarse) search when it is measured
+# The least time in which a search measures one configuration: its start-up plus the
+# configuration (tune_model's rule), and 5 s for the time spent between its checks. When the
+# source's share is shorter, the source is left out and the version gets the whole budget: one
+# search that measures something beats two that measure nothing.
+MIN_SEARCH_S = 2 * MIN_CONFIG_S + 5
 _V2_TYPES = {
     "float32": "FP32", "float64": "FP64", "float16": "FP16", "int64": "INT64", "int32": "INT32",
     "int16": "INT16", "int8": "INT8", "uint8": "UINT8", "bool": "BOOL",
@@ -75,6 +81,7 @@ class TuneResult(BaseModel):
     slo_p99_ms: float
     budget_s: float
     serving_config: dict[str, Any] | None  # the tag's value; None when no config held the SLO
+    reason: str | None = None  # why serving_config is None
     table: list[dict[str, Any]]
     default_qps: float
     tuned_qps: float
@@ -154,6 +161,8 @@ def tune_serving(
     workdir.mkdir(parents=True, exist_ok=True)
     bodies, synthetic = request_bodies(settings, name, version, workdir)
     source_path, reason = _source_onnx(settings, name, version) if source else (None, "off")
+    if source_path is not None and budget_s * SOURCE_SHARE < MIN_SEARCH_S:
+        source_path, reason = None, _too_short(budget_s)
     share = SOURCE_SHARE if source_path else 0.0
     chosen_model = ServedModel(settings, name, version, "chosen")
     chosen = tune_model(
@@ -161,9 +170,15 @@ def tune_serving(
     )
     tunings = [chosen]
     source_tuning = None
+    left = budget_s - (time.monotonic() - t0)
+    if source_path is not None and left < MIN_SEARCH_S:
+        source_path = None
+        reason = (
+            f"the version's search left {max(left, 0.0):.0f} s of the {budget_s:g} s budget, "
+            f"too little to search the source (at least {MIN_SEARCH_S:g} s)"
+        )
     if source_path is not None:
         served = source_registry(source_path, f"{name}-source", workdir)
-        left = budget_s - (time.monotonic() - t0)
         source_tuning = tune_model(
             served,
             bodies,
@@ -196,6 +211,7 @@ def tune_serving(
         slo_p99_ms=slo_p99_ms,
         budget_s=budget_s,
         serving_config=config,
+        reason=None if config is not None else _no_config(chosen, budget_s, slo_p99_ms),
         table=[{"model": t.label, **r.row()} for t in tunings for r in t.results],
         default_qps=default_qps,
         tuned_qps=tuned_qps,
@@ -205,6 +221,27 @@ def tune_serving(
         synthetic_requests=synthetic,
         tuning=tunings,
     )
+
+
+def _too_short(budget_s: float) -> str:
+    need = math.ceil(MIN_SEARCH_S / SOURCE_SHARE)
+    return (
+        f"a {budget_s:g} s budget leaves no time for the source's search as well (give at least "
+        f"{need} s)"
+    )
+
+
+def _no_config(tuning: ModelTuning, budget_s: float, slo_ms: float) -> str:
+    """Why a search chose no configuration: no time, every one failed, or none held the SLO."""
+    if not tuning.results:
+        return (
+            f"the {budget_s:g} s budget measured no configuration (one takes at least "
+            f"{MIN_SEARCH_S:g} s with its server's start-up)"
+        )
+    errors = [r.error for r in tuning.results if r.error]
+    if len(errors) == len(tuning.results):
+        return f"no configuration could be measured: {errors[0]}"
+    return f"no configuration sustained a rate within p99 <= {slo_ms:g} ms"
 
 
 def _capacity(
