@@ -136,7 +136,7 @@ def main() -> None:
     client.set_registered_model_tag("aa", registry.MODEL_TAG_NIGHTLY, "true")
     started = time.monotonic()
     for i in range(args.runs):
-        (check,) = nightly_flow(NightlyParams(models=["aa"], force=True))
+        (check,) = nightly_flow(NightlyParams(models=["aa"], force=True, tune_serving=False))
         rows.append(show(f"A/A {i + 1}", check))
     aa_registered = versions("aa") - 1
     print(
@@ -151,7 +151,7 @@ def main() -> None:
         optimize("ab", src)
         client.set_registered_model_tag("ab", registry.MODEL_TAG_NIGHTLY, "true")
         mlp(src)  # the source is re-exported lean: nightly sees a new hash
-        (check,) = nightly_flow(NightlyParams(models=["ab"]))
+        (check,) = nightly_flow(NightlyParams(models=["ab"], tune_serving=False))
         rows.append(show("A/B", check))
         print(f"A/B: {versions('ab') - 1} version(s) registered", flush=True)
     (home / "nightly_noise.json").write_text(json.dumps(rows, indent=2, default=str))
