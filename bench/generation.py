@@ -1,10 +1,15 @@
 """Encoder-decoder generation: PyTorch eager ``generate()`` vs bladeflow's ONNX Runtime loop.
 
-Run: ``.venv/bin/python -m bench.generation [--threads 2] [--rounds 5]``. A BART-type model is
-built from a config and trained briefly on "reverse the sequence" (tests/generation/tiny_models),
-exported with tasks/convert/seq2seq_export, then timed at batch 1 and 8 with a fixed number of new
-tokens (min = max), greedy. Variants run in interleaved blocks of calls (A B C A B C ...), medians
-over rounds; torch and ONNX Runtime use the same thread count, ORT without spinning.
+Run: ``.venv/bin/python -m bench.generation [--model bart|whisper] [--threads 2] [--rounds 5]``.
+A BART-type (text) or Whisper-type (log-mel-like features) model is built from a config and
+trained briefly on a synthetic task (tests/generation/tiny_models), exported with
+tasks/convert/seq2seq_export, then timed at batch 1 and 8 with a fixed number of new tokens
+(min = max), greedy. Variants run in interleaved blocks of calls (A B C A B C ...), medians over
+rounds; torch and ONNX Runtime use the same thread count, ORT without spinning.
+
+A second table breaks generate() down (tasks/benchmark/generation.py): encoder, first decoder
+step and per-token time, against the decoder's weight bytes over the measured memory bandwidth
+(``bound``: the fastest a small-batch decoder step can be).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import numpy as np
 
 from bladeflow.core.contract import SessionConfig
 from bladeflow.core.generation import Generator
+from bladeflow.tasks.benchmark import generation as gb
 from bladeflow.tasks.convert.seq2seq_export import export, same_tokens, source_generate
 from tests.generation import tiny_models as tm
 
@@ -34,6 +40,7 @@ def _block(run: Run, inputs: dict[str, np.ndarray], new: int, calls: int) -> flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", choices=("bart", "whisper"), default="bart")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--d-model", type=int, default=128)
@@ -45,11 +52,17 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    model = tm.train(
-        tm.tiny_bart(d_model=args.d_model, layers=args.layers, max_positions=128),
-        speech=False,
-        steps=args.train_steps,
-    )
+    speech = args.model == "whisper"
+    if speech:
+        arch = tm.tiny_whisper(d_model=args.d_model, layers=args.layers, max_target_positions=128)
+    else:
+        arch = tm.tiny_bart(d_model=args.d_model, layers=args.layers, max_positions=128)
+    model = tm.train(arch, speech=speech, steps=args.train_steps)
+    rng = np.random.default_rng(11)
+
+    def batch_of(seqs: list[list[int]]) -> dict[str, np.ndarray]:
+        return tm.speech_batch(seqs, rng) if speech else tm.text_batch(seqs)
+
     folder = tempfile.mkdtemp(prefix="bench-seq2seq-")
     export(model, folder)
     config = SessionConfig(intra_op_num_threads=args.threads, allow_spinning=False)
@@ -71,16 +84,18 @@ def main() -> None:
             x, max_new_tokens=n, min_new_tokens=n
         ),
     }
-    rng = np.random.default_rng(11)
+    kind = "Whisper-type" if speech else "BART-type"
     print(
-        f"BART-type d_model={args.d_model} layers={args.layers}, threads={args.threads}, "
+        f"{kind} d_model={args.d_model} layers={args.layers}, threads={args.threads}, "
         f"rounds={args.rounds} (shared machine: compare ratios within this run only)"
     )
+    parts: list[tuple[int, int, gb.GenerationBreakdown]] = []
+    bandwidth = gb.measure_bandwidth()
     header = f"{'batch':>5} {'new':>4} {'variant':<24} {'ms/call':>9} {'ms/token':>9} "
     print(header + f"{'vs eager':>9} {'exact':>7}")
     for batch in (1, 8):
         for new in (16, 64):
-            inputs = tm.text_batch(tm.random_sequences(rng, batch))
+            inputs = batch_of(tm.random_sequences(rng, batch))
             calls = max(1, 4 // batch)
             for run in variants.values():  # warm-up
                 run(inputs, new)
@@ -90,7 +105,11 @@ def main() -> None:
                     times[name].append(_block(run, inputs, new, calls))
                     time.sleep(0.05)  # let spinning/cached threads settle between blocks
             samples = tm.random_sequences(rng, args.samples if batch == 1 else 4 * batch)
-            match = _exact_rate(variants, samples, batch, new)
+            match = _exact_rate(
+                variants,
+                [batch_of(samples[i : i + batch]) for i in range(0, len(samples), batch)],
+                new,
+            )
             base = statistics.median(times["torch eager"])
             for name in variants:
                 med = statistics.median(times[name])
@@ -99,20 +118,45 @@ def main() -> None:
                     f"{batch:>5} {new:>4} {name:<24} {1e3 * med:>9.2f} "
                     f"{1e3 * med / new:>9.3f} {base / med:>8.2f}x {rate:>7}"
                 )
+            settings = gb.GenerateBench(
+                new_tokens=new, rounds=args.rounds, warmup=1, threads=args.threads
+            )
+            report = gb.GenerationBreakdown(bandwidth_gb_s=bandwidth)
+            report.models["torch eager"] = {
+                batch: gb.torch_breakdown(model, inputs, settings, bandwidth)
+            }
+            report.models["bladeflow ORT"] = {
+                batch: gb.onnx_breakdown(folder, config, inputs, settings, bandwidth)
+            }
+            parts.append((batch, new, report))
+    print()
+    print(f"breakdown (memory bandwidth, numpy copy on one thread: {bandwidth:.1f} GB/s)")
+    print(
+        f"{'batch':>5} {'new':>4} {'variant':<24} {'encoder':>8} {'1st step':>8} "
+        f"{'ms/token':>9} {'bound ms':>9} {'x bound':>8}"
+    )
+    for batch, new, report in parts:
+        for name, per in report.models.items():
+            b = per[batch]
+            print(
+                f"{batch:>5} {new:>4} {name:<24} {b.encoder_ms:>8.2f} {b.first_step_ms:>8.2f} "
+                f"{b.per_token_ms:>9.3f} {b.bound_ms:>9.4f} {b.bound_ratio:>7.1f}x"
+            )
 
 
 def _exact_rate(
-    variants: dict[str, Run], samples: list[list[int]], batch: int, new: int
+    variants: dict[str, Run], batches: list[dict[str, np.ndarray]], new: int
 ) -> dict[str, float]:
     """Per variant, the share of samples whose tokens equal torch eager's exactly."""
     hits = {name: 0 for name in variants}
-    for i in range(0, len(samples), batch):
-        inputs = tm.text_batch(samples[i : i + batch])
+    total = 0
+    for inputs in batches:
         ref = variants["torch eager"](inputs, new)
+        total += len(ref)
         for name, run in variants.items():
             out = run(inputs, new)
             hits[name] += sum(same_tokens(out[j], ref[j], tm.EOS) for j in range(len(ref)))
-    return {name: n / len(samples) for name, n in hits.items()}
+    return {name: n / total for name, n in hits.items()}
 
 
 if __name__ == "__main__":

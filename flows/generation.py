@@ -5,6 +5,9 @@ gate -> generate benchmark -> register the folder.
 PyTorch with the model's generation config on the user's data; candidates are bladeflow's ONNX
 Runtime decoder loop over the exported graphs (fp32, and int8 on the decoder); the registered
 version's ``latency_ms``/``speedup`` are generate latencies at a fixed number of new tokens.
+With reference texts in the data, the gate also scores the decoded text (WER/CER for speech,
+chrF for text); the benchmark adds the encoder / first step / per-token breakdown
+(``reports/breakdown.json``).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +50,29 @@ Batches = list[dict[str, np.ndarray]]
 
 
 @task(name="generation-data", cache_policy=NO_CACHE, persist_result=False)
-def data_task(model: ModelArtifact, params: OptimizeParams) -> Batches:
-    kind = model.provenance.step.config["kind"] if model.provenance.step else "text"
+def data_task(model: ModelArtifact, params: OptimizeParams) -> tuple[Batches, list[str] | None]:
+    """The encoder inputs in batches and, when the data has them, the reference texts."""
+    kind = _kind(model)
     column = params.text_columns[0] if params.text_columns else None
-    batches = gv.load_inputs(params.data, kind, model.assets[TOKENIZER_DIR], column)
-    get_run_logger().info(
-        "data: %d samples from %s", sum(len(b[next(iter(b))]) for b in batches), params.data
+    shape = None
+    if kind == "speech":
+        mel, frames = model.signature.inputs[0].shape[1:]
+        shape = (mel, frames) if isinstance(mel, int) and isinstance(frames, int) else None
+    batches = gv.load_inputs(
+        params.data, kind, model.assets[TOKENIZER_DIR], column, feature_shape=shape
     )
-    return batches
+    refs = gv.load_references(params.data, kind, params.labels_column)
+    get_run_logger().info(
+        "data: %d samples from %s%s",
+        sum(len(b[next(iter(b))]) for b in batches),
+        params.data,
+        f", {len(refs)} reference texts" if refs else "",
+    )
+    return batches, refs
+
+
+def _kind(model: ModelArtifact) -> str:
+    return str(model.provenance.step.config["kind"]) if model.provenance.step else "text"
 
 
 @task(name="reference-generate", cache_policy=NO_CACHE, persist_result=False)
@@ -85,12 +104,17 @@ def gate_task(
     reference: tuple[list[np.ndarray], list[np.ndarray]],
     search: gv.GenerationSettings,
     eos: int,
+    labels: Labels | None = None,
+    policy: gv.GenerationPolicy | None = None,
 ) -> tuple[AccuracyReport, gv.GenerationAccuracy]:
     ref_tokens, ref_logits = reference
     folder = Path(candidate.artifact.path).parent
     tokens, logits = gv.run_candidate(folder, candidate.session, batches, ref_tokens, search)
     acc = gv.compare(tokens, ref_tokens, logits, ref_logits, eos)
-    report = gv.judge(candidate.name, acc, candidate.name in cands.REDUCED)
+    if labels is not None:
+        task = gv.score_texts(labels.kind, labels.tokenizer_dir, tokens, labels.texts, eos)
+        acc = acc.model_copy(update={"task": task, "source_task": labels.source})
+    report = gv.judge(candidate.name, acc, candidate.name in cands.REDUCED, policy)
     get_run_logger().info("validate: %s %s: %s", candidate.name, report.status, report.reason)
     return report, acc
 
@@ -102,14 +126,30 @@ def bench_task(
     batches: Batches,
     batch_sizes: list[int],
     settings: gb.GenerateBench,
-) -> BenchmarkReport:
+) -> tuple[BenchmarkReport, gb.GenerationBreakdown]:
+    """Generate latency of the source and the passing candidates, then where it goes (encoder,
+    first step, per token against the bandwidth bound)."""
     from bladeflow.tasks.convert.seq2seq_export import load_seq2seq
 
+    log = get_run_logger().info
     model, _ = load_seq2seq(source)
     runs: dict[str, gb.Run] = {rr.SOURCE: gb.torch_runner(model, settings)}
     for c in passing:
         runs[c.name] = gb.onnx_runner(Path(c.artifact.path).parent, c.session, settings)
-    return gb.bench_generate(runs, batches, batch_sizes, settings, get_run_logger().info)
+    bench = gb.bench_generate(runs, batches, batch_sizes, settings, log)
+    folders = {c.name: (Path(c.artifact.path).parent, c.session) for c in passing}
+    parts = gb.breakdown(model, folders, batches, batch_sizes, settings, log)
+    return bench, parts
+
+
+@dataclass(frozen=True)
+class Labels:
+    """Reference texts of the validation data and the source's task metrics on them."""
+
+    kind: str
+    tokenizer_dir: str
+    texts: list[str]
+    source: dict[str, float]
 
 
 @flow(name="optimize-generation")
@@ -137,7 +177,8 @@ def generation_flow(params: OptimizeParams) -> OptimizeResult:
     search = gv.GenerationSettings(**step.get("generation", {}))
     eos = int(json.loads(Path(model.path).read_text())["eos_token_id"])
     with stage(stages, "prepare-data"):
-        batches = data_task(model, params)
+        batches, ref_texts = data_task(model, params)
+    policy = _policy(params, ref_texts)
     data = DataRef(
         path=str(params.data),
         samples=sum(len(next(iter(b.values()))) for b in batches),
@@ -150,15 +191,23 @@ def generation_flow(params: OptimizeParams) -> OptimizeResult:
             candidates, failed = build_task(model, run_dir / "candidates")
             st.outputs = {"candidates": [c.name for c in candidates], "failed": failed}
         with stage(stages, "validate") as st:
+            labels = None
+            if ref_texts is not None:
+                tok_dir, kind = model.assets[TOKENIZER_DIR], _kind(model)
+                source_scores = gv.score_texts(kind, tok_dir, reference[0], ref_texts, eos)
+                labels = Labels(kind, tok_dir, ref_texts, source_scores)
+                st.outputs = {"source_task_metrics": source_scores}
             accuracy: dict[str, AccuracyReport] = {}
             metrics: dict[str, float] = {}
             for c in candidates:
-                accuracy[c.name], acc = gate_task(c, batches, reference, search, eos)
+                accuracy[c.name], acc = gate_task(
+                    c, batches, reference, search, eos, labels, policy
+                )
                 metrics |= {f"generation.{c.name}.{k}": v for k, v in acc.metrics().items()}
             for name, why in failed.items():
                 accuracy[name] = _not_run(name, why)
             passing = [c for c in candidates if accuracy[c.name].passed]
-            st.outputs = {"passed": [c.name for c in passing]}
+            st.outputs = {**(st.outputs or {}), "passed": [c.name for c in passing]}
         reg.log_metrics(settings, run_id, rr.accuracy_metrics(accuracy) | metrics)
         (reports / "accuracy.json").write_text(
             json.dumps({k: v.model_dump(mode="json") for k, v in accuracy.items()}, indent=2)
@@ -181,14 +230,17 @@ def generation_flow(params: OptimizeParams) -> OptimizeResult:
                 iterations=max(1, min(params.bench.iterations, 5)),
                 warmup=min(params.bench.warmup, 1),
             )
-            bench = bench_task(params.source, passing, batches, batch_sizes, bench_settings)
+            bench, parts = bench_task(params.source, passing, batches, batch_sizes, bench_settings)
             chosen = select_candidate(passing, bench, objective)
             st.outputs = {"chosen": chosen.name, "new_tokens": bench_settings.new_tokens}
         (reports / "benchmark.json").write_text(bench.model_dump_json(indent=2))
+        (reports / "breakdown.json").write_text(parts.model_dump_json(indent=2))
+        reg.log_metrics(settings, run_id, parts.metrics())
         runtime = f"pytorch eager generate(use_cache=True), {bench_settings.new_tokens} new tokens"
         result = rr.optimize_result(params, run_id, chosen, accuracy, bench, data, stages, runtime)
         reg.log_metrics(settings, run_id, rr.latency_metrics(bench, result))
         summary = _summary(params, chosen, accuracy, bench, bench_settings, objective.batch)
+        summary += "\n## Where generate() time goes\n\n" + gb.breakdown_table(parts)
         (reports / "summary.md").write_text(summary)
         reg.log_artifacts(settings, run_id, reports, "reports")
         with stage(stages, "register"):
@@ -204,6 +256,23 @@ def generation_flow(params: OptimizeParams) -> OptimizeResult:
     except BaseException as exc:
         _end(settings, run_id, Outcome.ERROR, str(exc))
         raise
+
+
+def _policy(params: OptimizeParams, labels: list[str] | None) -> gv.GenerationPolicy:
+    """The gate's policy; ``--accuracy metric_drop<=D`` bounds the task metric's drop (labels
+    needed: without them the limit could not be checked, so it is refused)."""
+    from bladeflow.core.errors import DataError
+
+    budget = params.accuracy_budget()
+    drops = [lim.value for lim in budget.limits if lim.measure == "metric_drop"] if budget else []
+    if not drops:
+        return gv.GenerationPolicy()
+    if labels is None:
+        raise DataError(
+            "metric_drop needs reference texts: a 'labels' string array in the .npz (speech) or "
+            "--labels-column (text)"
+        )
+    return gv.GenerationPolicy(max_metric_drop=min(d for d in drops if d is not None))
 
 
 def _not_run(name: str, why: str) -> AccuracyReport:

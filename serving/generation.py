@@ -1,7 +1,8 @@
 """A registered generation model (encoder-decoder folder), loaded for serving.
 
 It answers the same calls as :class:`bladeflow.serving.model.LoadedVersion`, so the request path
-is unchanged: ``text`` (BYTES) in, tokenized with the version's tokenizer; the batch runs
+is unchanged: ``text`` (BYTES) in, tokenized with the version's tokenizer (text models), or
+``input_features`` (FP32, ``(batch, mel bins, frames)``, speech models); the batch runs
 bladeflow's decoder loop (:class:`bladeflow.core.generation.Generator`); out come ``text`` (BYTES,
 decoded), ``token_ids`` (INT64, the generated ids padded with the pad id) and ``lengths`` (INT64,
 generated tokens per row, EOS included). Request ``parameters`` ``max_new_tokens`` and
@@ -23,7 +24,7 @@ import numpy as np
 import orjson
 
 from bladeflow.core.contract import SessionConfig
-from bladeflow.core.generation import Generator
+from bladeflow.core.generation import Generator, Seq2SeqSpec
 from bladeflow.serving.codec import DecodeError, InputMeta
 from bladeflow.serving.model import LoadedVersion
 
@@ -70,17 +71,16 @@ class GenerationVersion(LoadedVersion):
         self.generator = Generator(folder, session_config)
         spec = self.generator.spec
         self.defaults = _defaults(folder)
-        metas = {
-            n: InputMeta(n, "float32", ("batch", "mel", "frames"))
-            if n == "input_features"
-            else InputMeta(n, "int64", ("batch", "src_len"))
-            for n in spec.encoder_inputs
-        }
+        metas = {n: _input_meta(n, spec) for n in spec.encoder_inputs}
         hidden = {p: InputMeta(p, "int64", ("batch",)) for p in PARAMETERS}
         self.inputs = GenerationInputs(metas, hidden)
         tok = folder / "tokenizer"
-        self.tokenizer_dir: Path | None = tok if (tok / "tokenizer_config.json").is_file() else None
-        self.output_names = list(OUTPUTS) if self.tokenizer_dir else ["token_ids", "lengths"]
+        # decode_dir turns generated ids into text (text and speech models); tokenizer_dir, which
+        # the request path reads as "accepts BYTES text in", only for text models: a speech
+        # model takes input_features.
+        self.decode_dir: Path | None = tok if (tok / "tokenizer_config.json").is_file() else None
+        self.tokenizer_dir: Path | None = self.decode_dir if spec.kind == "text" else None
+        self.output_names = list(OUTPUTS) if self.decode_dir else ["token_ids", "lengths"]
         self.output_shapes: dict[str, tuple[int | str | None, ...]] = {
             "text": ("batch",),
             "token_ids": ("batch", "new_tokens"),
@@ -152,8 +152,8 @@ class GenerationVersion(LoadedVersion):
     def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
         if self.tokenizer_dir is not None:
             self.predict(self.tokenize(["warm up"]))
-        elif "input_features" not in self.inputs:
-            self.predict(self.example(1))
+        elif all(isinstance(d, int) for m in self.inputs.values() for d in m.shape[1:]):
+            self.predict(self.example(1))  # speech: fixed (mel, frames), zeros are valid
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -168,14 +168,14 @@ class GenerationVersion(LoadedVersion):
     # -- pieces ---------------------------------------------------------------------------------
 
     def _tok(self) -> Any:
-        if self.tokenizer_dir is None:
+        if self.decode_dir is None:
             raise DecodeError(f"version {self.version} of {self.name!r} has no tokenizer")
         with self._lock:
             if self._tokenizer is None:
                 from transformers import AutoTokenizer
 
                 self._tokenizer = AutoTokenizer.from_pretrained(
-                    str(self.tokenizer_dir), local_files_only=True
+                    str(self.decode_dir), local_files_only=True
                 )
         return self._tokenizer
 
@@ -190,13 +190,27 @@ class GenerationVersion(LoadedVersion):
             ids[i, :n] = r[:n]
             lengths[i] = n
         out = {"token_ids": ids, "lengths": lengths}
-        if self.tokenizer_dir is not None:
+        if self.decode_dir is not None:
             texts = self._tok().batch_decode(
                 [r[:n].tolist() for r, n in zip(ids, lengths, strict=True)],
                 skip_special_tokens=True,
             )
             out["text"] = np.array(texts, dtype=object)
         return out
+
+
+def _input_meta(name: str, spec: Seq2SeqSpec) -> InputMeta:
+    """Text: token ids of any length (padded per batch). Speech: ``(batch, mel, frames)`` with
+    the sizes the encoder was exported for, so a wrong shape is a 400 naming them, not an ONNX
+    Runtime error."""
+    if name != "input_features":
+        return InputMeta(name, "int64", ("batch", "src_len"))
+    mel, frames = spec.extra.get("num_mel_bins"), spec.extra.get("frames")
+    return InputMeta(
+        name,
+        "float32",
+        ("batch", int(mel) if mel else "mel", int(frames) if frames else "frames"),
+    )
 
 
 def _defaults(folder: Path) -> dict[str, Any]:

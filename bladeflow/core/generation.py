@@ -10,6 +10,7 @@ Search follows transformers' ``generate()`` (greedy; vectorised beam search with
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,14 @@ class Seq2SeqSpec:
             return cls(**data)
         except (OSError, ValueError, TypeError) as exc:
             raise ModelFileError(f"cannot read the seq2seq description {path}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class StepTimes:
+    """Where one generate() call's time went (seconds)."""
+
+    encoder_s: float
+    steps_s: list[float]  # decoder steps in order; [0] runs on an empty self-attention cache
 
 
 class Generator:
@@ -140,6 +149,36 @@ class Generator:
             )
             steps.append(logits)
         return np.stack(steps, axis=1)
+
+    def step_times(self, inputs: dict[str, np.ndarray], new_tokens: int) -> StepTimes:
+        """Greedy decoding of exactly ``new_tokens`` (EOS suppressed), each part timed.
+
+        The encoder pass, then every decoder step on its own clock, with the same session calls
+        as :meth:`generate` (IOBinding when the generator uses it). Used by the benchmark's
+        breakdown: encoder, first step (empty cache) and per-token time of later steps.
+        """
+        if new_tokens < 1:
+            raise UserInputError(f"new_tokens must be >= 1, not {new_tokens}")
+        feeds = self._check_inputs(inputs)
+        start = time.perf_counter()
+        cross = self._encode(feeds)
+        encoder_s = time.perf_counter() - start
+        mask = feeds.get("attention_mask")
+        rows = cross[0].shape[0]
+        ids = np.full((rows, 1), self.spec.decoder_start_token_id, dtype=np.int64)
+        bound = self._bound_stepper(mask, cross, rows) if self.io_binding else None
+        past = self._empty_past(rows)
+        steps = []
+        for n in range(new_tokens):
+            start = time.perf_counter()
+            if bound is not None:
+                logits = bound(ids)
+            else:
+                logits, past = self._step(ids, mask, past, cross)
+            self._suppress_eos(logits, n, new_tokens)
+            ids = logits.argmax(axis=-1)[:, None].astype(np.int64)
+            steps.append(time.perf_counter() - start)
+        return StepTimes(encoder_s=encoder_s, steps_s=steps)
 
     # -- pieces -------------------------------------------------------------------------------
 

@@ -105,6 +105,29 @@ def _load_processor(path: Path, model_type: str) -> Any:
         raise ModelFileError(f"cannot load the {what} of {path}: {exc}") from exc
 
 
+def load_tokenizer(folder: str | Path) -> Any:
+    """The tokenizer of a speech folder (beside its feature extractor): what turns generated ids
+    into text for serving and for WER/CER.
+
+    Raises:
+        ModelFileError: the folder has no tokenizer, or it cannot be loaded.
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(folder)
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+    if not any((path / n).is_file() for n in names):
+        raise ModelFileError(
+            f"{path} holds a speech encoder-decoder but no tokenizer (tokenizer.json / "
+            "tokenizer_config.json): bladeflow needs it to turn generated ids into text. Save "
+            f"the whole processor beside the model (`processor.save_pretrained('{path}')`)."
+        )
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelFileError(f"cannot load the tokenizer of {path}: {exc}") from exc
+
+
 def spec_of(model: Any) -> Seq2SeqSpec:
     """The :class:`Seq2SeqSpec` of a transformers encoder-decoder model."""
     config = model.config
@@ -133,6 +156,14 @@ def spec_of(model: Any) -> Seq2SeqSpec:
         )
     pad = config.pad_token_id if config.pad_token_id is not None else eos
     encoder_inputs = ["input_features"] if kind == "speech" else ["input_ids", "attention_mask"]
+    extra: dict[str, Any] = {}
+    if kind == "speech":
+        # The encoder adds a fixed table of positions: it takes exactly 2 * max_source_positions
+        # frames (the conv stem halves them), so serving and the data check fix both dims.
+        extra = {
+            "num_mel_bins": int(config.num_mel_bins),
+            "frames": 2 * int(config.max_source_positions),
+        }
     return Seq2SeqSpec(
         kind=kind,
         model_type=config.model_type,
@@ -144,6 +175,7 @@ def spec_of(model: Any) -> Seq2SeqSpec:
         eos_token_id=int(eos if isinstance(eos, int) else eos[0]),
         pad_token_id=int(pad),
         decoder_start_token_id=int(start),
+        extra=extra,
     )
 
 

@@ -90,9 +90,13 @@ def check_processor_files(path: Path) -> None:
     """Without transformers: the folder must carry the tokenizer (text) or the feature
     extractor (speech), which serving needs to turn requests into inputs and ids into text."""
     speech = read_config(path).get("model_type") in SPEECH_TYPES
+    tokenizer = any((path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json"))
     if speech:
-        found = (path / "preprocessor_config.json").is_file()
-        what, how = "feature extractor (preprocessor_config.json)", "processor.save_pretrained"
+        # Features in, text out: the feature extractor describes the inputs, the tokenizer
+        # decodes the generated ids (served text, WER/CER).
+        found = (path / "preprocessor_config.json").is_file() and tokenizer
+        what = "feature extractor (preprocessor_config.json) and tokenizer (tokenizer.json)"
+        how = "processor.save_pretrained"
     else:
         names = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "vocab.json")
         found = any((path / n).is_file() for n in names) or any(path.glob("*.model"))
@@ -152,12 +156,10 @@ def conversion_inputs(model: Any, processor: Any, kind: str) -> dict[str, np.nda
     }
 
 
-def signature(kind: str, vocab: int, mel: int = 0) -> Signature:
+def signature(kind: str, vocab: int, mel: int = 0, frames: int | str = "frames") -> Signature:
     """What the generation model takes and gives: encoder inputs in, token ids out."""
     if kind == "speech":
-        inputs = [
-            TensorSpec(name="input_features", dtype="float32", shape=["batch", mel, "frames"])
-        ]
+        inputs = [TensorSpec(name="input_features", dtype="float32", shape=["batch", mel, frames])]
     else:
         inputs = [
             TensorSpec(
@@ -187,7 +189,12 @@ def convert_seq2seq(source: str, workdir: Path, options: ConvertOptions) -> Mode
     import tempfile
 
     from bladeflow.core.generation import Generator
-    from bladeflow.tasks.convert.seq2seq_export import export, load_seq2seq, verify
+    from bladeflow.tasks.convert.seq2seq_export import (
+        export,
+        load_seq2seq,
+        load_tokenizer,
+        verify,
+    )
 
     path = Path(source)
     Seq2SeqConverter.precheck(source)
@@ -198,6 +205,8 @@ def convert_seq2seq(source: str, workdir: Path, options: ConvertOptions) -> Mode
     try:
         exported = export(model, staging)
         processor.save_pretrained(staging / TOKENIZER_DIR)
+        if exported.spec.kind == "speech":  # the feature extractor above; ids -> text here
+            load_tokenizer(path).save_pretrained(staging / TOKENIZER_DIR)
         model.generation_config.save_pretrained(staging)
         spec = exported.spec
         inputs = conversion_inputs(model, processor, spec.kind)
@@ -240,14 +249,15 @@ def convert_seq2seq(source: str, workdir: Path, options: ConvertOptions) -> Mode
             shutil.move(str(item), target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    mel = int(getattr(model.config, "num_mel_bins", 0) or 0)
+    mel = int(spec.extra.get("num_mel_bins", 0))
+    frames = int(spec.extra.get("frames", 0)) or "frames"
     spec_path = workdir / SPEC_FILE
     return ModelArtifact(
         path=str(spec_path),
         format=FORMAT,
         sha256=sha256_path(spec_path.parent / DECODER_FILE),
         size_bytes=sum(source_size(workdir / f) for f in (ENCODER_FILE, DECODER_FILE)),
-        signature=signature(spec.kind, spec.vocab_size, mel),
+        signature=signature(spec.kind, spec.vocab_size, mel, frames),
         provenance=Provenance(
             source=source,
             parent_sha256=sha256_path(path),

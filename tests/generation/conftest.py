@@ -74,3 +74,11 @@ def bart(zoo: Zoo) -> Trained:
 def text_folder(bart: Trained, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The trained BART-type model as a Hugging Face folder with its tokenizer."""
     return Path(tm.save_text_model(bart.model, tmp_path_factory.mktemp("hf") / "bart"))
+
+
+@pytest.fixture(scope="session")
+def speech_folder(zoo: Zoo, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained Whisper-type model as a Hugging Face folder: weights, generation config,
+    feature extractor and tokenizer."""
+    whisper = zoo.get("whisper")
+    return Path(tm.save_speech_model(whisper.model, tmp_path_factory.mktemp("hf") / "whisper"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,8 +21,11 @@ pytestmark = pytest.mark.torch
 
 
 def _texts(path: Path, n: int, seed: int) -> list[list[int]]:
+    """Texts and their targets (the reversed sequence, what the model was trained to output)."""
     seqs = tm.random_sequences(np.random.default_rng(seed), n)
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in tm.texts_for(seqs)))
+    targets = tm.texts_for([s[::-1] for s in seqs])
+    rows = [{"text": t, "target": r} for t, r in zip(tm.texts_for(seqs), targets, strict=True)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return seqs
 
 
@@ -66,6 +70,7 @@ def test_optimize_registers_and_serve_answers_text(
         name="tiny-bart",
         data=str(data),
         text_columns=["text"],
+        labels_column="target",
         batch_sizes=[1],
         bench=BenchParams(warmup=0, rounds=3, iterations=1),
         tracking_uri=settings.tracking_uri,
@@ -80,11 +85,14 @@ def test_optimize_registers_and_serve_answers_text(
     assert result.latency_ms["source"][1].p50_ms > 0 and result.latency_ms["chosen"][1].p50_ms > 0
     assert 1 in result.speedup and result.source_runtime.startswith("pytorch eager generate")
     assert {s.stage for s in result.stages} >= {"convert", "validate", "benchmark", "register"}
+    from mlflow import MlflowClient
+
+    metrics = MlflowClient(settings.tracking_uri).get_run(result.run_id).data.metrics
+    assert metrics["generation.fp32.chrf"] == metrics["generation.fp32.source_chrf"] > 80
+    assert "generation.breakdown.fp32.b1.per_token_ms" in metrics
 
     # setup: serve the version as champion
     c = settings
-    from mlflow import MlflowClient
-
     MlflowClient(c.tracking_uri, c.registry_uri).set_registered_model_alias(
         "tiny-bart", "champion", "1"
     )
@@ -99,7 +107,7 @@ def test_optimize_registers_and_serve_answers_text(
     ref = _source_tokens(bart, seqs)  # what transformers' generate() gives, start token dropped
     expected = tm.word_tokenizer().batch_decode(ref.tolist(), skip_special_tokens=True)
 
-    def infer(client: TestClient, parameters: dict[str, object] | None = None) -> object:
+    def infer(client: TestClient, parameters: dict[str, object] | None = None) -> Any:
         body = {
             "inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": texts}],
             **({"parameters": parameters} if parameters else {}),

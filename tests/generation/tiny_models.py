@@ -71,21 +71,22 @@ def tiny_bart(d_model: int = 32, layers: int = 2, max_positions: int = 64) -> An
 MEL, FRAMES_PER_TOKEN, SOURCE_POSITIONS = 8, 4, 16  # encoder input: 2 * 16 = 32 frames
 
 
-def tiny_whisper() -> Any:
+def tiny_whisper(d_model: int = 32, layers: int = 2, max_target_positions: int = 32) -> Any:
+    """A Whisper-type model; the defaults are the test size, the bench passes larger ones."""
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
     settings: dict[str, Any] = dict(
         vocab_size=VOCAB,
         num_mel_bins=MEL,
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
+        d_model=d_model,
+        encoder_layers=layers,
+        decoder_layers=layers,
         encoder_attention_heads=4,
         decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
+        encoder_ffn_dim=2 * d_model,
+        decoder_ffn_dim=2 * d_model,
         max_source_positions=SOURCE_POSITIONS,
-        max_target_positions=32,
+        max_target_positions=max_target_positions,
         pad_token_id=PAD,
         bos_token_id=BOS,
         eos_token_id=EOS,
@@ -192,3 +193,37 @@ def save_text_model(model: Any, folder: Any, max_new_tokens: int = 10) -> Any:
     model.save_pretrained(folder)
     word_tokenizer().save_pretrained(folder)
     return folder
+
+
+def feature_extractor() -> Any:
+    """A Whisper feature extractor of the tiny model's input size (MEL bins, 32 frames): saved
+    beside the model so the folder is complete; requests send features, not audio."""
+    from transformers import WhisperFeatureExtractor
+
+    frames = 2 * SOURCE_POSITIONS
+    return WhisperFeatureExtractor(
+        feature_size=MEL, sampling_rate=16000, hop_length=16000 // frames, chunk_length=1
+    )
+
+
+def save_speech_model(model: Any, folder: Any, max_new_tokens: int = 10) -> Any:
+    """The tiny Whisper-type ``model`` as a Hugging Face folder: weights, generation config,
+    feature extractor and a word tokenizer (ids -> text)."""
+    model.generation_config.max_new_tokens = max_new_tokens
+    model.save_pretrained(folder)
+    feature_extractor().save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def write_features(path: Any, n: int, seed: int, labels: bool = True) -> list[list[int]]:
+    """``n`` utterances as an ``.npz``: ``input_features`` (n, MEL, frames) and, with
+    ``labels``, their transcripts (a string array: loads without pickle)."""
+    rng = np.random.default_rng(seed)
+    seqs = random_sequences(rng, n)
+    features = speech_batch(seqs, rng)["input_features"]
+    if labels:
+        np.savez(path, input_features=features, labels=np.array(texts_for(seqs)))
+    else:
+        np.savez(path, input_features=features)
+    return seqs
