@@ -89,7 +89,7 @@ def ensure_experiment(settings: Settings) -> str:
     if found is not None:
         _check_artifact_store(settings, found[1])
         return found[0]
-    with sqlite_setup_lock(settings.tracking_uri):
+    with sqlite_setup_lock(settings.tracking_uri), _quiet_schema_setup():
         experiment_id = _ensure_experiment(settings)
     _mark_sqlite_checked(settings)
     return experiment_id
@@ -99,6 +99,23 @@ def ensure_experiment(settings: Settings) -> str:
 # store. While it matches the installed MLflow, an existing experiment is looked up with sqlite3
 # (milliseconds) instead of importing MLflow's SQLAlchemy store (~4 s of a command's start).
 _CHECKED_SUFFIX = ".bladeflow-checked"
+
+
+@contextlib.contextmanager
+def _quiet_schema_setup() -> Iterator[None]:
+    """MLflow and alembic announce a new database's tables at INFO on the console, before the
+    run's log file exists; the command's own lines say what happens."""
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("mlflow.store.db.utils", "alembic")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def _mlflow_version() -> str:
