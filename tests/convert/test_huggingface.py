@@ -83,3 +83,26 @@ def test_folder_without_weights_is_not_a_model(tmp_path: Path):
     with pytest.raises(ModelFileError, match="transformers cannot load"):
         convert_source(str(folder), tmp_path / "w", ConvertOptions())
     assert not (tmp_path / "w" / "model.onnx").exists()
+
+
+def test_without_data_a_text_model_is_judged_on_real_built_in_texts(converted, tmp_path: Path):
+    # setup: the converted MiniLM (its tokenizer is an asset), and no --data
+    from bladeflow.tasks.validate.prepare import (
+        BUILTIN_LONG,
+        BUILTIN_SHORT,
+        prepare_validation_data,
+        read_data,
+    )
+
+    _, _, art = converted
+    # execute
+    prepared = prepare_validation_data(art, None, tmp_path / "data")
+    # assert: real sentences and paragraphs as token ids (flagged: not the user's data)
+    arrays = read_data(prepared.data)
+    assert set(arrays) == {"input_ids", "attention_mask", "token_type_ids"}
+    assert prepared.data.synthetic and "built-in English texts" in prepared.description
+    assert arrays["input_ids"].shape[0] == BUILTIN_SHORT + BUILTIN_LONG
+    lengths = arrays["attention_mask"].sum(axis=1)
+    assert lengths[:BUILTIN_SHORT].max() < 48 and lengths[BUILTIN_SHORT:].min() > 90
+    words = arrays["input_ids"][arrays["attention_mask"] == 1]
+    assert words.max() < 30522 and (words > 999).mean() > 0.8  # word pieces, not special ids
