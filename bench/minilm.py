@@ -164,6 +164,27 @@ def sgemm_gflops(rounds: int = 7) -> float:
     return 2 * SGEMM_N**3 / statistics.median(times) / 1e9
 
 
+def peer_recipe(quantize: bool = True) -> Any:
+    """The accuracy-blind peer (see the module docstring): ``peer-o2-avx2-int8``, or with
+    ``quantize=False`` its fp32 half ``peer-o2-fp32`` (the O2 fusion alone)."""
+    from bladeflow.core.contract import PassRecord
+    from bladeflow.tasks.optimize.recipes import Recipe
+
+    passes = [PassRecord(name="transformer_fusion", config={"opt_level": 2})]
+    if not quantize:
+        return Recipe(name="peer-o2-fp32", passes=passes)
+    int8 = PassRecord(
+        name="int8_dynamic",
+        config={
+            "per_channel": False,
+            "reduce_range": False,
+            "weight_type": "QInt8",
+            "op_types": [],  # ORT's default dynamic-quantization ops
+        },
+    )
+    return Recipe(name="peer-o2-avx2-int8", passes=[*passes, int8])
+
+
 def torch_runner(embedder: Any) -> Runner:
     import torch
 
@@ -228,7 +249,6 @@ def main(argv: list[str] | None = None) -> int:
     from bladeflow.tasks.optimize.recipes import (
         PassContext,
         PassNotApplicable,
-        Recipe,
         build_candidate,
         plan_recipes,
     )
@@ -315,35 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     # --- the peer recipe (Optimum O2 + avx2 dynamic int8 equivalent) ----------------------------
-    from bladeflow.core.contract import PassRecord
-
-    peer = build_candidate(
-        Recipe(
-            name="peer-o2-avx2-int8",
-            passes=[
-                PassRecord(name="transformer_fusion", config={"opt_level": 2}),
-                PassRecord(
-                    name="int8_dynamic",
-                    config={
-                        "per_channel": False,
-                        "reduce_range": False,
-                        "weight_type": "QInt8",
-                        "op_types": [],  # ORT's default dynamic-quantization ops
-                    },
-                ),
-            ],
-        ),
-        source,
-        work / "candidates",
-    )
-    peer_fp32 = build_candidate(
-        Recipe(
-            name="peer-o2-fp32",
-            passes=[PassRecord(name="transformer_fusion", config={"opt_level": 2})],
-        ),
-        source,
-        work / "candidates",
-    )
+    peer = build_candidate(peer_recipe(quantize=True), source, work / "candidates")
+    peer_fp32 = build_candidate(peer_recipe(quantize=False), source, work / "candidates")
 
     paths = {
         "ort-default": source.path,
