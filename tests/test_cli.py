@@ -118,6 +118,15 @@ def test_bad_name_and_options_exit_2(tmp_path: Path):
         assert needle in out.stderr and "Traceback" not in out.stderr
 
 
+def test_demo_refuses_a_tune_option_without_tune_serving(tmp_path: Path):
+    # execute: a tune setting that would be ignored
+    out = _run(["demo", "--tune-budget-s", "60"], tmp_path / "home")
+    # assert: refused before any work, saying what to add
+    assert out.returncode == 2, out.stderr
+    assert "add --tune-serving" in out.stderr and "Traceback" not in out.stderr
+    assert _registered(tmp_path / "home") == []
+
+
 def test_optimize_json_registers_a_version(tmp_path: Path):
     # setup: a model no other test uses, with a fixed batch dimension
     src = models.mlp(tmp_path / "fresh.onnx", features=6, hidden=10, outputs=3, seed=7, batch=1)

@@ -319,6 +319,24 @@ def optimize(
 
 @app.command()
 def demo(
+    tune_serving: bool = typer.Option(
+        False,
+        "--tune-serving",
+        help="Also tune `bladeflow serve` for the registered matcher (real server, open-loop "
+        "load, about --tune-budget-s more) and print its capacity: the sustained rate per core "
+        "at the SLO, and the cores it saves against the unoptimized model.",
+    ),
+    tune_budget_s: float | None = typer.Option(
+        None,
+        "--tune-budget-s",
+        help="With --tune-serving: seconds for the search, the source's included (at least 40; "
+        "under 100 the source is not searched) [default: 300].",
+    ),
+    tune_slo_p99_ms: float | None = typer.Option(
+        None,
+        "--tune-slo-p99-ms",
+        help="With --tune-serving: the p99 latency (ms) a sustained rate must keep [default: 100].",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
     verbose: bool = typer.Option(
         False, "--verbose", "-v", help="Show Prefect's task logs and third-party warnings live."
@@ -330,7 +348,8 @@ def demo(
     """Optimize and register all-MiniLM-L6-v2 as a semantic matcher; print the table.
 
     The pretrained encoder becomes a two-text similarity model (bladeflow.app.matcher), validated on
-    300 real sentence pairs, benchmarked against PyTorch eager.
+    300 real sentence pairs, benchmarked against PyTorch as it is served (inference_mode, the
+    candidates' thread count).
     """
     import os
 
@@ -346,6 +365,7 @@ def demo(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     folder = settings.home / "demo"
     try:
+        tune = _tune_options(tune_serving, tune_slo_p99_ms, tune_budget_s, None)
         check_experiment(settings.tracking_uri)
         minilm_dir()  # exit 2 with the pip hint before any work
         data = build_validation_set(folder / "validation.npz")
@@ -359,6 +379,7 @@ def demo(
             data=str(data),
             accuracy=MATCHER_ACCURACY,  # judged as a matcher: its decisions and its score
             tracking_uri=settings.tracking_uri,
+            **tune,
         )
         result = _run_optimize(params, _verbosity(verbose, quiet), command="demo")
     except BladeflowError as exc:
