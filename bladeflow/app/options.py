@@ -59,7 +59,10 @@ def print_result(result: Any, settings: Settings, quiet: bool = False) -> None:
     from bladeflow.tasks.validate.summary import latency_table, render_table
 
     if result.synthetic_data:
-        typer.echo("NOTE: accuracy was judged on synthetic inputs; pass --data for a real verdict.")
+        typer.echo(
+            "NOTE: accuracy was judged on generated inputs, not your data; pass --data for a "
+            "real verdict."
+        )
     if result.outcome == "not_improved":
         typer.echo(
             f"\nNothing registered: the best candidate, {result.candidate}, is "

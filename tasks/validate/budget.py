@@ -37,7 +37,7 @@ class ResolvedBudget:
 
     def describe(self) -> str:
         how = "--accuracy" if self.source == "given" else "default for each output's kind"
-        note = " (judged on synthetic inputs; pass --data for a real verdict)"
+        note = " (judged on generated inputs, not your data; pass --data for a real verdict)"
         return f"accuracy budget ({how}): {describe_policy(self.policy, self.facts)}" + (
             note if self.synthetic else ""
         )

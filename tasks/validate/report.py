@@ -29,9 +29,9 @@ from bladeflow.tasks.validate.gx import SuiteResult
 from bladeflow.tasks.validate.labels import LABEL_AGREE
 
 SYNTHETIC_WARNING = (
-    "> **Accuracy was judged on synthetic inputs** generated from the model signature; they "
-    "cannot judge quantization or any change that depends on real data. Pass `--data` for a "
-    "real verdict."
+    "> **Accuracy was judged on generated inputs, not your data**: random values from the model "
+    "signature, or bladeflow's built-in English texts for a model with a tokenizer. They judge "
+    "quantization only as far as your traffic looks like them. Pass `--data` for a real verdict."
 )
 
 

@@ -175,8 +175,8 @@ def _fmt(value: Any) -> str:
 def summary_markdown(result: OptimizeResult, candidates_md: str, source: str) -> str:
     """The report stored with the MLflow run and used as the version description."""
     head = (
-        "> Accuracy was judged on synthetic inputs generated from the signature; they cannot "
-        "judge quantization. Pass --data for a real verdict.\n\n"
+        "> Accuracy was judged on generated inputs (random values from the signature, or built-in "
+        "texts for a model with a tokenizer), not your data. Pass --data for a real verdict.\n\n"
         if result.synthetic_data
         else ""
     )
