@@ -23,7 +23,7 @@ import numpy as np
 
 from bladeflow.core.contract import BenchmarkReport, LatencyStats, ModelArtifact, SessionConfig
 from bladeflow.core.runtime import make_session
-from bladeflow.tasks.validate.data import Dataset, fixed_batch, tile
+from bladeflow.tasks.validate.data import Dataset, fixed_batch, tile, trim_padding
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,12 @@ def benchmark(
     if fixed is not None and fixed not in sizes:
         sizes.append(fixed)
 
+    # inputs whose sequence axis is dynamic: a batch is timed at its own longest text
+    dynamic = {
+        i.name
+        for i in first.signature.inputs
+        if len(i.shape) >= 2 and not isinstance(i.shape[1], int)
+    }
     calls: dict[str, Callable[[Dataset], Any]] = dict(runners or {})
     for label, (artifact, cfg) in models.items():
         calls[label] = _session_call(artifact, cfg)
@@ -84,7 +90,7 @@ def benchmark(
     for bs in sizes:
         if progress:
             progress(f"benchmark: batch size {bs}, {len(calls)} models interleaved")
-        feeds = tile(data, bs)
+        feeds = trim_padding(tile(data, bs), dynamic)
         for label, call in calls.items():
             for _ in range(settings.warmup):
                 call(feeds)
@@ -101,7 +107,7 @@ def benchmark(
                 for label, per in timings.items()
             },
             skipped_batch_sizes=skipped,
-            shapes={k: list(v.shape[1:]) for k, v in data.items()},
+            shapes={k: list(v.shape[1:]) for k, v in trim_padding(tile(data, 1), dynamic).items()},
             planned_rounds=settings.rounds if sequential else None,
         )
 
@@ -119,7 +125,8 @@ def benchmark(
                 f"benchmark: undecided at batch size {bs_more} after {done} rounds, adding "
                 f"rounds for up to {settings.extra_seconds:g} s"
             )
-        _round(calls, tile(data, bs_more), bs_more, timings, settings.iterations, budget)
+        feeds = trim_padding(tile(data, bs_more), dynamic)
+        _round(calls, feeds, bs_more, timings, settings.iterations, budget)
         added = max(added, done + 1 - settings.rounds)
     if progress and added:
         progress(f"benchmark: {added} rounds added")

@@ -263,6 +263,28 @@ def batches(data: Dataset, size: int) -> Iterator[Dataset]:
         yield {k: v[start : start + size] for k, v in data.items()}
 
 
+def trim_padding(feeds: Dataset, dynamic: set[str], mask: str = "attention_mask") -> Dataset:
+    """``feeds`` without the trailing columns no sample of the batch uses (all-zero ``mask``).
+
+    Tokenized validation data is padded to its longest text; a server pads each batch only to
+    that batch's longest request. Timing one short query at the length of the longest
+    paragraph would measure another workload (all-MiniLM-L6-v2: 36 ms at 129 tokens vs ~7 ms
+    for a real 12-token query). Only right padding, only inputs of the mask's ``[batch, seq]``
+    shape, and only when every such input's sequence axis is dynamic (``dynamic``: their names).
+    """
+    m = feeds.get(mask)
+    if m is None or m.ndim != 2 or mask not in dynamic:
+        return feeds
+    used = np.flatnonzero(m.any(axis=0))
+    keep = int(used[-1]) + 1 if used.size else m.shape[1]
+    if keep == m.shape[1]:
+        return feeds
+    same = [k for k, v in feeds.items() if v.shape[:2] == m.shape]
+    if any(k not in dynamic for k in same):
+        return feeds
+    return {k: v[:, :keep] if k in same else v for k, v in feeds.items()}
+
+
 def tile(data: Dataset, batch_size: int) -> Dataset:
     """A batch of exactly ``batch_size`` samples, cycling through the dataset."""
     n = sample_count(data)
