@@ -34,7 +34,12 @@ from bladeflow.core.policy import TolerancePolicy
 from bladeflow.core.settings import Settings
 from bladeflow.flows import stages as s
 from bladeflow.tasks.benchmark.probe import one_line, probe
-from bladeflow.tasks.benchmark.select import not_eligible_reason, screen, select_candidate
+from bladeflow.tasks.benchmark.select import (
+    not_eligible_reason,
+    screen,
+    select_candidate,
+    simplicity,
+)
 from bladeflow.tasks.optimize.base import PassContext
 from bladeflow.tasks.optimize.recipes import BASELINE, Recipe, RecipePlan
 from bladeflow.tasks.validate.gate import GateOutcome
@@ -231,6 +236,14 @@ def benchmark_all(
     """
     if decide is None or params.benchmark_work_pool:
         return _time_all(params, model, timed, data, batch_sizes, run_dir, settings, run_id, None)
+    same = identical(decide.passing)
+    if same:
+        timed = {n: m for n, m in timed.items() if n not in same}
+        decide = decide.model_copy(
+            update={"passing": [c for c in decide.passing if c.name not in same]}
+        )
+        if screened is not None:
+            screened.update(same)
     objective = decide.objective.batch
     others = [b for b in batch_sizes if b != objective]
     first_sizes = [objective] if objective in batch_sizes and others else batch_sizes
@@ -270,6 +283,29 @@ def benchmark_all(
     if report.baseline is not None:  # now describes every batch size, not only the first phase's
         runtime = report.baseline.text()
     return report, runtime, failed
+
+
+def identical(passing: list[Candidate]) -> dict[str, str]:
+    """Candidate -> reason for those that are literally another one: the same graph file under
+    the same session settings (e.g. SmoothQuant that chose no scaling, then the same int8).
+
+    Timing two identical models can only tell noise apart, and at 95% a difference "found"
+    between them flips the choice from run to run (seen on MiniLM: int8-recovered chosen twice,
+    then its identical smooth-int8-recovered). The simplest of each group is timed for all.
+    """
+    groups: dict[tuple[str, str], list[Candidate]] = {}
+    for c in passing:
+        groups.setdefault((c.artifact.sha256, c.session.model_dump_json()), []).append(c)
+    out: dict[str, str] = {}
+    for group in groups.values():
+        keep = min(group, key=lambda c: (*simplicity(c), passing.index(c)))
+        for c in group:
+            if c is not keep and c.name != BASELINE:
+                out[c.name] = (
+                    f"identical to {keep.name} (the same graph under the same session settings), "
+                    "timed once as that one"
+                )
+    return out
 
 
 # Seconds of rounds added at the objective while a decision is undecided (unless --bench-extra-s).
