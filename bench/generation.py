@@ -7,6 +7,10 @@ tasks/convert/seq2seq_export, then timed at batch 1 and 8 with a fixed number of
 (min = max), greedy. Variants run in interleaved blocks of calls (A B C A B C ...), medians over
 rounds; torch and ONNX Runtime use the same thread count, ORT without spinning.
 
+For text models a fourth variant runs ONNX Runtime's contrib ``BeamSearch`` op (com.microsoft,
+``num_beams=1``) wrapping the same two graphs (tasks/optimize/search_op.py): the whole loop in
+C++, one ``session.run`` per generate().
+
 A second table breaks generate() down (tasks/benchmark/generation.py): encoder, first decoder
 step and per-token time, against the decoder's weight bytes over the measured memory bandwidth
 (``bound``: the fastest a small-batch decoder step can be).
@@ -15,6 +19,8 @@ step and per-token time, against the decoder's weight bytes over the measured me
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import statistics
 import tempfile
 import time
@@ -24,8 +30,10 @@ import numpy as np
 
 from bladeflow.core.contract import SessionConfig
 from bladeflow.core.generation import Generator
+from bladeflow.core.search_op import SEARCH_FILE, SearchOpGenerator
 from bladeflow.tasks.benchmark import generation as gb
 from bladeflow.tasks.convert.seq2seq_export import export, same_tokens, source_generate
+from bladeflow.tasks.optimize.search_op import build_search_model
 from tests.generation import tiny_models as tm
 
 Run = Callable[[dict[str, np.ndarray], int], np.ndarray]
@@ -52,6 +60,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    torch.manual_seed(0)  # the initial weights: the same model every run
     speech = args.model == "whisper"
     if speech:
         arch = tm.tiny_whisper(d_model=args.d_model, layers=args.layers, max_target_positions=128)
@@ -64,6 +73,7 @@ def main() -> None:
         return tm.speech_batch(seqs, rng) if speech else tm.text_batch(seqs)
 
     folder = tempfile.mkdtemp(prefix="bench-seq2seq-")
+    atexit.register(shutil.rmtree, folder, True)
     export(model, folder)
     config = SessionConfig(intra_op_num_threads=args.threads, allow_spinning=False)
     plain, bound = Generator(folder, config), Generator(folder, config, io_binding=True)
@@ -84,6 +94,16 @@ def main() -> None:
             x, max_new_tokens=n, min_new_tokens=n
         ),
     }
+    op_folder = None
+    if not speech:
+        op_folder = tempfile.mkdtemp(prefix="bench-search-op-")
+        atexit.register(shutil.rmtree, op_folder, True)
+        shutil.copytree(folder, op_folder, dirs_exist_ok=True)
+        build_search_model(op_folder, f"{op_folder}/{SEARCH_FILE}")
+        op = SearchOpGenerator(f"{op_folder}/{SEARCH_FILE}", plain.spec, config)
+        variants["ORT BeamSearch op"] = lambda x, n: op.generate(
+            x, max_new_tokens=n, min_new_tokens=n
+        )
     kind = "Whisper-type" if speech else "BART-type"
     print(
         f"{kind} d_model={args.d_model} layers={args.layers}, threads={args.threads}, "
@@ -128,6 +148,10 @@ def main() -> None:
             report.models["bladeflow ORT"] = {
                 batch: gb.onnx_breakdown(folder, config, inputs, settings, bandwidth)
             }
+            if op_folder is not None:
+                report.models["ORT BeamSearch op"] = {
+                    batch: gb.onnx_breakdown(op_folder, config, inputs, settings, bandwidth)
+                }
             parts.append((batch, new, report))
     print()
     print(f"breakdown (memory bandwidth, numpy copy on one thread: {bandwidth:.1f} GB/s)")

@@ -3,7 +3,8 @@ gate -> generate benchmark -> register the folder.
 
 ``flows/optimize.py`` hands a ``seq2seq`` source here. The reference is ``source.generate()`` in
 PyTorch with the model's generation config on the user's data; candidates are bladeflow's ONNX
-Runtime decoder loop over the exported graphs (fp32, and int8 on the decoder); the registered
+Runtime decoder loop over the exported graphs (fp32, and int8 on the decoder) and, for text
+models, ONNX Runtime's BeamSearch op over the same graphs; the registered
 version's ``latency_ms``/``speedup`` are generate latencies at a fixed number of new tokens.
 With reference texts in the data, the gate also scores the decoded text (WER/CER for speech,
 chrF for text); the benchmark adds the encoder / first step / per-token breakdown
@@ -89,12 +90,7 @@ def reference_task(
 
 @task(name="build-candidates", cache_policy=NO_CACHE)
 def build_task(model: ModelArtifact, workdir: Path) -> tuple[list[Candidate], dict[str, str]]:
-    built, failed = [cands.fp32_candidate(model)], {}
-    try:
-        built.append(cands.int8_decoder_candidate(model, workdir))
-    except Exception as exc:  # noqa: BLE001 - the candidate is rejected with its reason
-        failed[cands.INT8_DECODER] = f"{type(exc).__name__}: {exc}"
-    return built, failed
+    return cands.build_candidates(model, workdir)
 
 
 @task(name="generation-gate", task_run_name="gate-{candidate.name}", cache_policy=NO_CACHE)
@@ -107,9 +103,13 @@ def gate_task(
     labels: Labels | None = None,
     policy: gv.GenerationPolicy | None = None,
 ) -> tuple[AccuracyReport, gv.GenerationAccuracy]:
+    from bladeflow.core.search_op import SEARCH_FILE, generate_batches
+
     ref_tokens, ref_logits = reference
     folder = Path(candidate.artifact.path).parent
     tokens, logits = gv.run_candidate(folder, candidate.session, batches, ref_tokens, search)
+    if (folder / SEARCH_FILE).is_file():  # the op's own tokens; logits: the same two graphs
+        tokens = generate_batches(folder, candidate.session, batches, search.kwargs())
     acc = gv.compare(tokens, ref_tokens, logits, ref_logits, eos)
     if labels is not None:
         task = gv.score_texts(labels.kind, labels.tokenizer_dir, tokens, labels.texts, eos)

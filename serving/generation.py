@@ -25,6 +25,7 @@ import orjson
 
 from bladeflow.core.contract import SessionConfig
 from bladeflow.core.generation import Generator, Seq2SeqSpec
+from bladeflow.core.search_op import SEARCH_FILE, SearchOpGenerator
 from bladeflow.serving.codec import DecodeError, InputMeta
 from bladeflow.serving.model import LoadedVersion
 
@@ -70,6 +71,13 @@ class GenerationVersion(LoadedVersion):
         self.limits = limits or GenerationLimits()
         self.generator = Generator(folder, session_config)
         spec = self.generator.spec
+        # a version registered as ORT's BeamSearch op candidate is served by that op, the way it
+        # was validated and benchmarked (its encoder/decoder graphs stay for the spec)
+        self.search: SearchOpGenerator | None = (
+            SearchOpGenerator(folder / SEARCH_FILE, spec, session_config)
+            if (folder / SEARCH_FILE).is_file()
+            else None
+        )
         self.defaults = _defaults(folder)
         metas = {n: _input_meta(n, spec) for n in spec.encoder_inputs}
         hidden = {p: InputMeta(p, "int64", ("batch",)) for p in PARAMETERS}
@@ -124,7 +132,7 @@ class GenerationVersion(LoadedVersion):
         for combo in np.unique(settings, axis=0):
             idx = np.flatnonzero((settings == combo).all(axis=1))
             part = {k: v[idx] for k, v in model_feeds.items()}
-            tokens = self.generator.generate(
+            tokens = (self.search or self.generator).generate(
                 part,
                 max_new_tokens=int(combo[0]),
                 num_beams=int(combo[1]),

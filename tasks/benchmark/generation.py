@@ -57,14 +57,27 @@ def thread_count(settings: GenerateBench) -> int:
 
 
 def onnx_runner(folder: str | Path, session: SessionConfig, settings: GenerateBench) -> Run:
-    """generate() of bladeflow's loop over ``folder``'s graphs, with the benchmark's threads."""
-    from bladeflow.core.generation import Generator
-
-    threads = thread_count(settings)
-    config = session.model_copy(update={"intra_op_num_threads": threads, "allow_spinning": False})
-    gen = Generator(folder, config)
+    """generate() over ``folder``'s graphs with the benchmark's threads: bladeflow's loop, or
+    ONNX Runtime's BeamSearch op when the folder holds its ``search.onnx``."""
+    gen = _generator(folder, session, settings)
     search = settings.search()
     return lambda feeds: gen.generate(feeds, **search)
+
+
+def _config(session: SessionConfig, settings: GenerateBench) -> SessionConfig:
+    threads = thread_count(settings)
+    return session.model_copy(update={"intra_op_num_threads": threads, "allow_spinning": False})
+
+
+def _generator(folder: str | Path, session: SessionConfig, settings: GenerateBench) -> Any:
+    from bladeflow.core.generation import SPEC_FILE, Generator, Seq2SeqSpec
+    from bladeflow.core.search_op import SEARCH_FILE, SearchOpGenerator
+
+    config = _config(session, settings)
+    root = Path(folder)
+    if (root / SEARCH_FILE).is_file():
+        return SearchOpGenerator(root / SEARCH_FILE, Seq2SeqSpec.load(root / SPEC_FILE), config)
+    return Generator(root, config)
 
 
 def torch_runner(model: Any, settings: GenerateBench) -> Run:
@@ -257,12 +270,14 @@ def onnx_breakdown(
     settings: GenerateBench,
     bandwidth_gb_s: float,
 ) -> StepBreakdown:
-    """bladeflow's loop on ``feeds``: encoder, first step and later steps timed directly."""
+    """bladeflow's loop on ``feeds``: encoder, first step and later steps timed directly (a
+    folder with ONNX Runtime's search op: :func:`search_op_breakdown`)."""
     from bladeflow.core.generation import DECODER_FILE, Generator
+    from bladeflow.core.search_op import SEARCH_FILE
 
-    threads = thread_count(settings)
-    config = session.model_copy(update={"intra_op_num_threads": threads, "allow_spinning": False})
-    gen = Generator(folder, config)
+    if (Path(folder) / SEARCH_FILE).is_file():
+        return search_op_breakdown(folder, session, feeds, settings, bandwidth_gb_s)
+    gen = Generator(folder, _config(session, settings))
     for _ in range(settings.warmup):
         gen.step_times(feeds, settings.new_tokens)
     enc, first, later = [], [], []
@@ -284,55 +299,96 @@ def onnx_breakdown(
     )
 
 
+def search_op_breakdown(
+    folder: str | Path,
+    session: SessionConfig,
+    feeds: dict[str, np.ndarray],
+    settings: GenerateBench,
+    bandwidth_gb_s: float,
+) -> StepBreakdown:
+    """ONNX Runtime's search op: the whole loop is one call, so the encoder is timed alone (its
+    graph in its own session) and the steps are derived from op calls of 1 and N tokens."""
+    from bladeflow.core.generation import DECODER_FILE, ENCODER_FILE
+    from bladeflow.core.runtime import make_session
+
+    op = _generator(folder, session, settings)
+    encoder = make_session(Path(folder) / ENCODER_FILE, _config(session, settings))
+    enc_feeds = {n: np.asarray(feeds[n], dtype=np.int64) for n in op.spec.encoder_inputs}
+    search = {k: v for k, v in settings.search().items() if "new_tokens" not in k}
+    return _derived_breakdown(
+        lambda: encoder.run(None, enc_feeds),
+        lambda n: op.generate(feeds, max_new_tokens=n, min_new_tokens=n, **search),
+        feeds,
+        settings,
+        onnx_weight_bytes(Path(folder) / DECODER_FILE),
+        bandwidth_gb_s,
+        "derived from search-op calls of 1 and N tokens",
+    )
+
+
 def torch_breakdown(
     model: Any, feeds: dict[str, np.ndarray], settings: GenerateBench, bandwidth_gb_s: float
 ) -> StepBreakdown:
     """PyTorch eager: the encoder timed alone; the first step as generate(1 token) minus the
     encoder; per token as (generate(N) - generate(1)) / (N - 1). generate() gives no hook between
     steps, so these two are derived (they include generate()'s own per-step Python work)."""
-    import time
-
     import torch
 
     from bladeflow.tasks.convert.seq2seq_export import source_generate
 
     torch.set_num_threads(thread_count(settings))
     inputs = {k: torch.from_numpy(v) for k, v in feeds.items()}
-    n = settings.new_tokens
     search = {k: v for k, v in settings.search().items() if "new_tokens" not in k}
+    with torch.no_grad():
+        return _derived_breakdown(
+            lambda: model.get_encoder()(**inputs),
+            lambda n: source_generate(
+                model, inputs, use_cache=True, max_new_tokens=n, min_new_tokens=n, **search
+            ),
+            feeds,
+            settings,
+            torch_decoder_bytes(model),
+            bandwidth_gb_s,
+            "derived from generate() timings",
+        )
+
+
+def _derived_breakdown(
+    encode: Callable[[], Any],
+    generate: Callable[[int], Any],
+    feeds: dict[str, np.ndarray],
+    settings: GenerateBench,
+    weights: int,
+    bandwidth_gb_s: float,
+    how: str,
+) -> StepBreakdown:
+    """Encoder timed alone; first step = generate(1) - encoder; per token = (generate(N) -
+    generate(1)) / (N - 1); ``weights``: the decoder's bytes read per step."""
 
     def timed(fn: Callable[[], Any]) -> float:
         start = time.perf_counter()
         fn()
         return time.perf_counter() - start
 
-    def encode() -> Any:
-        return model.get_encoder()(**inputs)
-
-    def gen(tokens: int) -> Callable[[], Any]:
-        return lambda: source_generate(
-            model, inputs, use_cache=True, max_new_tokens=tokens, min_new_tokens=tokens, **search
-        )
-
+    n = settings.new_tokens
+    for _ in range(settings.warmup):
+        generate(n)
     enc, one, full = [], [], []
-    with torch.no_grad():
-        for _ in range(settings.warmup):
-            gen(n)()
-        for _ in range(settings.rounds):
-            enc.append(timed(encode))
-            one.append(timed(gen(1)))
-            full.append(timed(gen(n)))
+    for _ in range(settings.rounds):
+        enc.append(timed(encode))
+        one.append(timed(lambda: generate(1)))
+        full.append(timed(lambda: generate(n)))
     enc_ms, one_ms, full_ms = _median_ms(enc), _median_ms(one), _median_ms(full)
-    weights = torch_decoder_bytes(model)
+    first = max(0.0, one_ms - enc_ms)
     return StepBreakdown(
         batch_size=len(next(iter(feeds.values()))),
         new_tokens=n,
         encoder_ms=enc_ms,
-        first_step_ms=max(0.0, one_ms - enc_ms),
-        per_token_ms=max(0.0, (full_ms - one_ms) / (n - 1)) if n > 1 else max(0.0, one_ms - enc_ms),
+        first_step_ms=first,
+        per_token_ms=max(0.0, (full_ms - one_ms) / (n - 1)) if n > 1 else first,
         decoder_weight_bytes=weights,
         bound_ms=weights / (bandwidth_gb_s * 1e9) * 1e3,
-        how="derived from generate() timings",
+        how=how,
     )
 
 

@@ -68,7 +68,17 @@ class ConvertOptions(BaseModel):
 
 
 def detect(source: str, fmt: str | None = None) -> str:
-    """The format key of ``source``; ModelFileError lists the supported formats otherwise."""
+    """The format key of ``source``; ModelFileError lists the supported formats otherwise.
+
+    An MLflow transformers model of a supported encoder-decoder (``models:/``, ``runs:/`` or a
+    local MLflow model folder) is ``seq2seq``, not ``mlflow``: it needs the decoder loop.
+    """
+    from bladeflow.tasks.convert import mlflow_transformers
+
+    if fmt in (None, "mlflow"):
+        if mlflow_transformers.claims(source):
+            return SEQ2SEQ
+        mlflow_transformers.refuse_other_generation(source)  # a local MLflow folder of GPT-2...
     return detect_format(source, fmt)
 
 

@@ -169,12 +169,13 @@ def generation_refusal(what: str) -> ModelFileError:
 
     return ModelFileError(
         f"{what}. bladeflow supports generation models that are encoder-decoders with a decoder "
-        f"loop: a local Hugging Face folder whose config.json has is_encoder_decoder: true, "
+        f"loop: a local Hugging Face folder (or an MLflow transformers model of one: "
+        f"models:/NAME/VERSION, runs:/ID/PATH) whose config.json has is_encoder_decoder: true, "
         f"model_type one of {', '.join(SUPPORTED_TYPES)}, a ...ForConditionalGeneration "
         "architecture, and its tokenizer (or feature extractor) saved beside it (format "
         "seq2seq). Decoder-only language models (...ForCausalLM, ...LMHeadModel such as GPT-2 "
-        "or Llama), other encoder-decoders, base encoder-decoders without an LM head and MLflow "
-        "transformers generation models are not supported yet: exporting one forward pass would "
+        "or Llama), other encoder-decoders and base encoder-decoders without an LM head "
+        "are not supported yet: exporting one forward pass would "
         f"drop the LM head or the decoding loop and register a different model. {SUPPORTED_HELP}."
     )
 

@@ -62,14 +62,18 @@ class Seq2SeqVerification:
 
 
 def load_seq2seq(folder: str | Path) -> tuple[Any, Any]:
-    """(model, tokenizer-or-feature-extractor) from a Hugging Face seq2seq folder.
+    """(model, tokenizer-or-feature-extractor) from a Hugging Face seq2seq folder, or from an
+    MLflow transformers model of one (``models:/...``, ``runs:/...``, a local MLflow folder:
+    downloaded once per process).
 
     Raises:
         ModelFileError: no config, not an encoder-decoder, or no tokenizer/feature extractor.
     """
     from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoModelForSpeechSeq2Seq
 
-    path = Path(folder)
+    from bladeflow.tasks.convert.mlflow_transformers import resolve_folder
+
+    path = resolve_folder(folder)
     if not (path / "config.json").is_file():
         raise ModelFileError(f"{path} has no config.json; give a Hugging Face seq2seq folder")
     config = AutoConfig.from_pretrained(path)

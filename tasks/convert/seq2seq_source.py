@@ -5,7 +5,9 @@ types is exported by :mod:`bladeflow.tasks.convert.seq2seq_export` as ``encoder.
 ``decoder_with_past.onnx`` + ``seq2seq.json``, with the tokenizer (or feature extractor) in
 ``tokenizer/`` and the generation config in ``generation_config.json`` beside them: the folder is
 the model (the optimize flow hands it to ``flows/generation.py``, registration logs it whole and
-serving runs it with :class:`bladeflow.core.generation.Generator`).
+serving runs it with :class:`bladeflow.core.generation.Generator`). MLflow transformers models of
+such encoder-decoders (``models:/NAME/V``, ``runs:/ID/PATH``, a local MLflow model folder) are
+laid out as such a folder first by :mod:`bladeflow.tasks.convert.mlflow_transformers`.
 
 Verified before it is kept: teacher-forced logits step by step against the source (max abs
 error per step) and greedy ``generate()`` output equality on the conversion inputs.
@@ -76,7 +78,11 @@ def is_seq2seq_folder(path: Path) -> bool:
 
     if not path.is_dir() or not is_hf_folder(path):
         return False
-    config = read_config(path)
+    return is_seq2seq_config(read_config(path))
+
+
+def is_seq2seq_config(config: dict[str, Any]) -> bool:
+    """A ``config.json`` (as a dict) of a supported encoder-decoder with an LM head."""
     archs = [str(a) for a in config.get("architectures") or []]
     head = not archs or any(a.endswith("ForConditionalGeneration") for a in archs)
     return (
@@ -182,13 +188,15 @@ def convert_seq2seq(source: str, workdir: Path, options: ConvertOptions) -> Mode
         (the folder is the model) and whose ``assets`` name the tokenizer folder.
 
     Raises:
-        ModelFileError: not a readable seq2seq folder, or no tokenizer/feature extractor.
+        ModelFileError: not a readable seq2seq folder (or MLflow transformers model of one), or
+            no tokenizer/feature extractor.
         ConversionError: unsupported generation settings, or the ONNX loop differs from the
             source (teacher-forced logits beyond the tolerance, or different greedy tokens).
     """
     import tempfile
 
     from bladeflow.core.generation import Generator
+    from bladeflow.tasks.convert.mlflow_transformers import resolve_folder
     from bladeflow.tasks.convert.seq2seq_export import (
         export,
         load_seq2seq,
@@ -196,8 +204,9 @@ def convert_seq2seq(source: str, workdir: Path, options: ConvertOptions) -> Mode
         verify,
     )
 
-    path = Path(source)
     Seq2SeqConverter.precheck(source)
+    path = resolve_folder(source)  # MLflow transformers URIs: downloaded and laid out as a folder
+    check_processor_files(path)
     model, processor = load_seq2seq(path)
     settings = generation_settings(model)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -229,6 +238,7 @@ def convert_seq2seq(source: str, workdir: Path, options: ConvertOptions) -> Mode
         step = PassRecord(
             name=f"convert.{FORMAT}",
             config={
+                **_mlflow_provenance(source),
                 "model_class": type(model).__name__,
                 "model_type": spec.model_type,
                 "kind": spec.kind,
@@ -268,6 +278,16 @@ def convert_seq2seq(source: str, workdir: Path, options: ConvertOptions) -> Mode
     )
 
 
+def _mlflow_provenance(source: str) -> dict[str, Any]:
+    from bladeflow.tasks.convert.mlflow_transformers import is_mlflow_source
+
+    return (
+        {"mlflow_flavor": "transformers", "inner_format": FORMAT}
+        if is_mlflow_source(source)
+        else {}
+    )
+
+
 def _opset() -> int:
     from bladeflow.tasks.convert.seq2seq_export import OPSET
 
@@ -286,13 +306,20 @@ class Seq2SeqConverter(Converter):
 
     @classmethod
     def claims(cls, source: str) -> bool:
+        # MLflow transformers models of encoder-decoders are claimed by dispatch.detect, before
+        # the mlflow converter (which claims every models:/ and runs:/ URI) would take them.
         return is_seq2seq_folder(Path(source))
 
     @classmethod
     def precheck(cls, source: str) -> None:
         from bladeflow.tasks.convert.hf_source import check_hf_folder
+        from bladeflow.tasks.convert.mlflow_transformers import is_mlflow_source
+        from bladeflow.tasks.convert.mlflow_transformers import precheck as mlflow_precheck
 
         check_size(source)
+        if is_mlflow_source(source):  # the MLmodel file says what was logged: no download
+            mlflow_precheck(source)
+            return
         check_hf_folder(Path(source))
         check_processor_files(Path(source))
 

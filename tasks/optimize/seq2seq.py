@@ -4,6 +4,8 @@
 ``int8-decoder``: the decoder's MatMul weights quantized to int8 (dynamic, per channel), the
 encoder untouched: the decoder runs once per token, so its weight bytes are what decoding reads.
 The generation gate judges it by agreement (reduced precision), not by exact match.
+``ort-beam-search-op`` (text models): ONNX Runtime's contrib BeamSearch op wrapping the same two
+graphs (``search_op.py``), the whole loop in C++; fp32, so judged by exact match like ``fp32``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,27 @@ from bladeflow.core.hashing import sha256_path
 FP32 = "fp32"
 INT8_DECODER = "int8-decoder"
 REDUCED = {INT8_DECODER}  # candidates judged by the reduced-precision budget
+
+
+def build_candidates(model: ModelArtifact, workdir: Path) -> tuple[list[Candidate], dict[str, str]]:
+    """Every candidate of ``model`` and, for those that failed to build, the reason.
+
+    The search-op candidate is built for text models only (the op's encoder-decoder path takes
+    token ids); for speech models it is simply not a candidate.
+    """
+    from bladeflow.tasks.optimize.search_op import CANDIDATE as SEARCH_OP
+    from bladeflow.tasks.optimize.search_op import search_op_candidate
+
+    built, failed = [fp32_candidate(model)], {}
+    builders = {INT8_DECODER: lambda: int8_decoder_candidate(model, workdir)}
+    if model.signature.inputs[0].name == "input_ids":
+        builders[SEARCH_OP] = lambda: search_op_candidate(model, workdir)
+    for name, build in builders.items():
+        try:
+            built.append(build())
+        except Exception as exc:  # noqa: BLE001 - the candidate is rejected with its reason
+            failed[name] = f"{type(exc).__name__}: {exc}"
+    return built, failed
 
 
 def fp32_candidate(model: ModelArtifact) -> Candidate:

@@ -89,6 +89,9 @@ def test_mlflow_transformers_tiny_bert(tmp_path: Path, mlflow_registry: str):
         )
     work = tmp_path / "mlflow_bert"
     # execute
+    from bladeflow.tasks.convert.dispatch import detect
+
+    assert detect("models:/tiny_bert/1") == "mlflow"  # an encoder: not the seq2seq path
     art = convert_source("models:/tiny_bert/1", work, ConvertOptions())
     # assert
     assert (work / "model.onnx").is_file()
@@ -111,3 +114,96 @@ def test_mlflow_transformers_tiny_bert(tmp_path: Path, mlflow_registry: str):
     verification = json.loads((work / "convert_config.json").read_text())["verification"]
     assert verification["runner"] == "pytorch-eager"
     assert _max_abs(work) < 1e-4
+
+
+@pytest.mark.torch
+def test_mlflow_transformers_encoder_decoder_is_seq2seq(tmp_path: Path, mlflow_registry: str):
+    """Detection and layout only (random weights, nothing exported): an MLflow transformers
+    BART-type model is format seq2seq by models:/ URI, alias, runs:/ URI and local folder, and is
+    laid out as one Hugging Face folder; a logged model without its tokenizer is refused."""
+    # setup
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import mlflow
+    import yaml
+    from mlflow import MlflowClient
+
+    from bladeflow.core.errors import ModelFileError
+    from bladeflow.tasks.convert import mlflow_transformers as mt
+    from bladeflow.tasks.convert.dispatch import detect
+    from bladeflow.tasks.convert.seq2seq_source import Seq2SeqConverter, is_seq2seq_folder
+    from tests.generation import tiny_models as tm
+
+    model = tm.tiny_bart()
+    model.generation_config.max_new_tokens = 7
+    experiment = mlflow.create_experiment("seq2seq-detect", str(tmp_path / "artifacts"))
+    with mlflow.start_run(experiment_id=experiment) as run:
+        # transformers 5 has no text2text pipeline: MLflow logs a BART under text-generation
+        mlflow.transformers.log_model(
+            {"model": model, "tokenizer": tm.word_tokenizer()},
+            name="model",
+            task="text-generation",
+            registered_model_name="tiny_bart_s2s",
+            pip_requirements=[],
+        )
+    MlflowClient().set_registered_model_alias("tiny_bart_s2s", "champion", "1")
+    saved = tmp_path / "saved"
+    mlflow.transformers.save_model(
+        {"model": model, "tokenizer": tm.word_tokenizer()},
+        str(saved),
+        task="text-generation",
+        pip_requirements=[],
+    )
+    uris = [
+        "models:/tiny_bart_s2s/1",
+        "models:/tiny_bart_s2s@champion",
+        f"runs:/{run.info.run_id}/model",
+        str(saved),
+    ]
+    # execute
+    formats = {u: detect(u) for u in uris}
+    folder = mt.local_folder("models:/tiny_bart_s2s@champion")
+    # assert: every spelling is seq2seq; the folder holds weights, generation config, tokenizer
+    assert formats == dict.fromkeys(uris, "seq2seq")
+    assert is_seq2seq_folder(folder)
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json"):
+        assert (folder / name).is_file(), name
+    assert json.loads((folder / "generation_config.json").read_text())["max_new_tokens"] == 7
+    assert mt.local_folder("models:/tiny_bart_s2s/1") == folder  # pinned: downloaded once
+    Seq2SeqConverter.precheck(str(saved))
+
+    # setup: the same model with its tokenizer left out of the MLmodel file
+    mlmodel = yaml.safe_load((saved / "MLmodel").read_text())
+    mlmodel["flavors"]["transformers"]["components"] = []
+    (saved / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    # execute / assert: refused from the MLmodel file, saying how to log it
+    assert detect(str(saved)) == "seq2seq"
+    with pytest.raises(ModelFileError, match=r"no tokenizer was logged.*log_model"):
+        Seq2SeqConverter.precheck(str(saved))
+
+
+@pytest.mark.torch
+def test_local_mlflow_folder_of_a_decoder_only_lm_is_refused(tmp_path: Path):
+    # setup: a GPT-2-type LM saved by MLflow's transformers flavor to a local folder
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import mlflow
+
+    from bladeflow.core.errors import ModelFileError
+    from bladeflow.tasks.convert.dispatch import detect
+    from tests.generation import tiny_models as tm
+
+    config = transformers.GPT2Config(
+        vocab_size=tm.VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=32, eos_token_id=tm.EOS
+    )
+    saved = tmp_path / "gpt2"
+    mlflow.transformers.save_model(
+        {"model": transformers.GPT2LMHeadModel(config), "tokenizer": tm.word_tokenizer()},
+        str(saved),
+        task="text-generation",
+        pip_requirements=[],
+    )
+    # execute / assert: the message a Hugging Face folder of it gets, naming what is supported
+    with pytest.raises(ModelFileError, match=r"GPT2LMHeadModel.*not supported yet") as refused:
+        detect(str(saved))
+    assert "is_encoder_decoder: true" in str(refused.value)

@@ -78,9 +78,10 @@ def test_optimize_registers_and_serve_answers_text(
     # execute
     result = optimize_flow(params)
     # assert: registered, with generate latencies and the gate's numbers
-    assert result.version == "1" and result.candidate in ("fp32", "int8-decoder")
+    assert result.version == "1"
+    assert result.candidate in ("fp32", "int8-decoder", "ort-beam-search-op")
     assert result.accuracy["token_ids"].samples == 12
-    if result.candidate == "fp32":
+    if result.candidate != "int8-decoder":
         assert result.accuracy["token_ids"].min_cosine == 1.0  # exact sequence match rate
     assert result.latency_ms["source"][1].p50_ms > 0 and result.latency_ms["chosen"][1].p50_ms > 0
     assert 1 in result.speedup and result.source_runtime.startswith("pytorch eager generate")
