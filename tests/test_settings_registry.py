@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -130,9 +131,15 @@ def test_a_known_sqlite_experiment_is_found_without_importing_mlflow(tmp_path: P
         "print(json.dumps([eid, 'mlflow' in sys.modules]))\n"
     )
 
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MLFLOW_", "BLADEFLOW_", "PREFECT_"))  # this home's own database
+    }
+
     def run() -> list[object]:
         out = subprocess.run(
-            [sys.executable, "-c", script], capture_output=True, text=True, check=True
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env
         )
         return list(json.loads(out.stdout.strip().splitlines()[-1]))
 
