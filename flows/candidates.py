@@ -44,8 +44,7 @@ from bladeflow.tasks.optimize.base import PassContext
 from bladeflow.tasks.optimize.recipes import BASELINE, Recipe, RecipePlan
 from bladeflow.tasks.validate.gate import GateOutcome
 from bladeflow.tasks.validate.prepare import PreparedData, read_data
-from bladeflow.tasks.validate.twins import probe as twin_probe
-from bladeflow.tasks.validate.twins import same_outputs, twin_key
+from bladeflow.tasks.validate.twins import twin_key
 
 
 class BaselineError(BladeflowError):
@@ -160,22 +159,20 @@ def _inherit(
     prepared: PreparedData,
 ) -> tuple[dict[str, GateOutcome], list[Candidate]]:
     """(twin -> the leader's outcome under the twin's name, twins to validate in full)."""
-    if not twins:
-        return {}, []
-    data = twin_probe(read_data(prepared.data))
     inherited: dict[str, GateOutcome] = {}
-    full: list[Candidate] = []
-    for twin, leader in twins:
-        outcome = leaders.get(leader.name)
-        try:
-            same = outcome is not None and same_outputs(leader, twin, data)
-        except Exception as exc:  # noqa: BLE001 -- the full validation reports it properly
-            get_run_logger().info("validate: %s: probe failed (%s)", twin.name, one_line(exc))
-            same = False
-        if not same or outcome is None:
+    full = [t for t, lead in twins if lead.name not in leaders]  # the leader did not finish
+    checks = [
+        (t, lead, s.twin_task.submit(t, lead, prepared, leaders[lead.name].report.passed))
+        for t, lead in twins
+        if lead.name in leaders
+    ]
+    for twin, leader, fut in checks:
+        outcome = leaders[leader.name]
+        state = fut.wait() or fut.state
+        rows = fut.result() if state.is_completed() else None
+        if rows is None:
             full.append(twin)
             continue
-        rows = len(next(iter(data.values())))
         report = outcome.report.model_copy(
             update={
                 "candidate": twin.name,
@@ -184,14 +181,6 @@ def _inherit(
             }
         )
         inherited[twin.name] = replace(outcome, report=report)
-        get_run_logger().info(
-            "validate: %s %s, as %s: the same graph under other thread settings, outputs "
-            "bitwise equal on %d samples",
-            twin.name,
-            "passed" if report.passed else "FAILED",
-            leader.name,
-            rows,
-        )
     return inherited, full
 
 

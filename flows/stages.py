@@ -140,6 +140,33 @@ def reference_task(
     return str(path)
 
 
+@task(name="validate", task_run_name="validate-{twin.name}", persist_result=False)
+def twin_task(
+    twin: Candidate, leader: Candidate, prepared: PreparedData, leader_passed: bool
+) -> int | None:
+    """Rows on which ``twin`` (``leader``'s graph under other thread settings) gave bitwise the
+    same outputs as ``leader``, whose verdict it then shares; None when they differ (then it is
+    validated in full)."""
+    from bladeflow.tasks.validate.twins import probe, same_outputs
+
+    rows = probe(read_data(prepared.data))
+    if not same_outputs(leader, twin, rows):
+        get_run_logger().info(
+            "validate: %s differs from %s, validated in full", twin.name, leader.name
+        )
+        return None
+    n = len(next(iter(rows.values())))
+    get_run_logger().info(
+        "validate: %s %s, as %s: the same graph under other thread settings, outputs bitwise "
+        "equal on %d samples",
+        twin.name,
+        "passed" if leader_passed else "FAILED",
+        leader.name,
+        n,
+    )
+    return n
+
+
 @task(name="validate", task_run_name="validate-{candidate.name}", persist_result=False)
 def validate_task(
     candidate: Candidate,

@@ -42,3 +42,19 @@ def test_where_the_time_went_lists_every_stage():
     ]
     # execute / assert
     assert stage_times(stages) == "where the time went: convert 1.2 s, register 0.0 s"
+
+
+def test_a_twin_gets_its_verdict_row_from_its_own_validate_task():
+    # setup: the twin check runs as a "validate" task named after the twin
+    p = Progress()
+    p.event("build-candidate", "build-fused-tuned", "Finished in state Completed()")
+    # execute
+    p.event(
+        "validate",
+        "validate-fused-tuned",
+        "validate: fused-tuned passed, as fused: the same graph under other thread settings, "
+        "outputs bitwise equal on 48 samples",
+    )
+    p.event("validate", "validate-fused-tuned", "Finished in state Completed()")
+    # assert: shown as passed, not left at "built"
+    assert p.candidates["fused-tuned"].state == "passed"
