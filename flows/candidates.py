@@ -464,6 +464,9 @@ def run_params(
         "recipes": [r.model_dump(mode="json") for r in plan.recipes],
         "skipped_recipes": plan.skipped,
         "source_sha256": model.provenance.parent_sha256,
+        # the unoptimized ONNX on this machine: what the serving tuner serves as the baseline
+        # when the source itself is not ONNX (a framework model, a Python callable)
+        "converted_model": model.path,
         "synthetic_data": prepared.data.synthetic,
         "hardware": hardware(),
     }

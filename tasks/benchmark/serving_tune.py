@@ -131,14 +131,24 @@ def request_bodies(
 
 
 def _source_onnx(settings: Settings, name: str, version: str) -> tuple[Path | None, str | None]:
-    mv = mlflow_client(settings).get_model_version(name, version)
+    """The unoptimized model to serve as the baseline: the source when it is an ONNX file here,
+    else the ONNX the version's optimize run converted it to (run param ``converted_model``)
+    when that file is still on this machine."""
+    client = mlflow_client(settings)
+    mv = client.get_model_version(name, version)
     source = mv.tags.get(registry.TAG_SOURCE, "")
     path = Path(source)
     if source.lower().endswith(".onnx") and path.is_file():
         return path, None
+    converted = ""
+    if mv.run_id:
+        converted = client.get_run(mv.run_id).data.params.get("converted_model", "")
+    if converted and Path(converted).is_file():
+        return Path(converted), None
     return None, (
-        f"the source {source!r} is not an ONNX file on this machine, so its unoptimized "
-        "baseline cannot be served for comparison"
+        f"the source {source!r} is not an ONNX file on this machine, and the ONNX its optimize "
+        f"run converted it to ({converted or 'not recorded'}) is not here either, so the "
+        "unoptimized baseline cannot be served for comparison"
     )
 
 

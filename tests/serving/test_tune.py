@@ -293,3 +293,24 @@ def test_tune_serving_refuses_a_missing_version_before_any_work(tmp_path: Path) 
     assert "version='3': model 'nosuch' has no such version or alias" in proc.stderr
     assert "must_beat" not in proc.stderr
     assert not (tmp_path / "home" / "prefect-local").exists()
+
+
+def test_a_non_onnx_source_is_compared_through_its_converted_onnx(settings, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from bladeflow.tasks.benchmark.serving_tune import _source_onnx
+
+    # setup: a version whose source is a Python callable; its run recorded the converted ONNX
+    converted = mlp(tmp_path / "converted.onnx")
+    c = MlflowClient(settings.tracking_uri, settings.registry_uri)
+    exp = c.create_experiment("e")
+    run = c.create_run(exp)
+    c.log_param(run.info.run_id, "converted_model", str(converted))
+    c.create_registered_model("m")
+    mv = c.create_model_version("m", "file:///x", run_id=run.info.run_id)
+    c.set_model_version_tag("m", mv.version, registry.TAG_SOURCE, "pkg.mod:build")
+    # execute / assert: the converted file is the baseline while it is on this machine
+    assert _source_onnx(settings, "m", mv.version) == (converted, None)
+    converted.unlink()
+    path, why = _source_onnx(settings, "m", mv.version)
+    assert path is None and why is not None and "not here either" in why
