@@ -388,6 +388,8 @@ def demo(
         typer.echo(result.model_dump_json(indent=2))
     else:
         print_result(result, settings, quiet)
+        if tune_serving:
+            typer.echo(_tune_line(result))
 
 
 @app.command()
