@@ -234,9 +234,11 @@ def screen(passing: list[Candidate], bench: BenchmarkReport) -> dict[str, str]:
     """Candidates a short screening run shows are not worth a full benchmark, with the reason.
 
     A candidate is dropped only when another one is significantly faster than it at EVERY batch
-    size the screening run measured (dominated), so the batch-size guard and the final choice
-    can never miss it: whichever candidate dominates it is at least as good everywhere. The
-    baseline is never dropped (it is the reference every speedup is measured against).
+    size the screening run measured (dominated). The optimize flow screens at the objective's
+    batch size only, so a dropped candidate is one the choice could not pick anyway; should the
+    batch-size guard later exclude the one that beat it, the next choice comes from those timed
+    in full (the baseline at worst). The baseline is never dropped (it is the reference every
+    speedup is measured against).
     """
     timed = [c for c in passing if c.name in bench.models]
     dropped: dict[str, str] = {}
