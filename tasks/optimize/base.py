@@ -195,6 +195,7 @@ def _load_builtin_passes() -> None:
         fp16,
         int8_dynamic,
         int8_static,
+        int8_tokenwise,
         mixed_precision,
         ort_graph,
         session,

@@ -1,4 +1,16 @@
-"""Accuracy recovery: int8/fp16 with the nodes that break the accuracy gate kept in fp32."""
+"""Accuracy recovery: int8/fp16 with the nodes that break the accuracy gate fixed, cheapest first.
+
+For int8_dynamic there are two fixes per node: token-wise int8 (``int8_tokenwise``: one activation
+scale per row; eligible MatMuls only, about 1.3x the cost of per-tensor int8) and fp32 (about 2.6x).
+Nodes are ranked by sensitivity and the search finds, in order:
+
+1. the shortest prefix of the ranking whose nodes get their cheapest fix (token-wise when
+   eligible, else fp32) that passes the gate;
+2. if none passes: every eligible node token-wise, and the shortest prefix kept in fp32;
+3. then, with that fp32 set, the shortest prefix still needing token-wise (often none).
+
+Each search doubles, then bisects. fp16 and int8_static have fp32 as their only fix.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +18,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,13 +54,14 @@ from bladeflow.tasks.optimize.int8_static import (
     quantize_static_file,
     require_ops,
 )
+from bladeflow.tasks.optimize.int8_tokenwise import eligible, tokenwise_file
 from bladeflow.tasks.validate.accuracy import predict
 from bladeflow.tasks.validate.data import Dataset
 from bladeflow.tasks.validate.gate import judge
 
-# Builds a candidate into `output` with `excluded` node names kept in fp32, or, when `only` is
-# given, with only those nodes converted.
-Builder = Callable[[Path, Path, Sequence[str], Sequence[str] | None], None]
+# Builds a candidate into `output` with `excluded` node names kept in fp32, `tokenwise` ones made
+# token-wise int8, or, when `only` is given, with only those nodes converted.
+Builder = Callable[[Path, Path, Sequence[str], Sequence[str] | None, Sequence[str]], None]
 
 
 class MixedPrecisionConfig(PassConfig):
@@ -67,6 +81,9 @@ class MixedPrecisionConfig(PassConfig):
     # prob_drift x0.7, agreement 0.99 -> 0.993): the search fits the validation samples, and
     # unseen inputs (longer texts) land a bit worse.
     margin: float = Field(0.3, ge=0.0, lt=1.0)
+    # int8_dynamic: make a failing MatMul token-wise int8 before keeping it in fp32 (the cheaper
+    # fix; see bladeflow.tasks.optimize.int8_tokenwise).
+    tokenwise: bool = True
 
 
 def model_signature(model: onnx.ModelProto) -> Signature:
@@ -183,6 +200,50 @@ def activation_ranking(
     return [(ratio[wanted[name]], name) for name in nodes]
 
 
+@dataclass
+class _Best:
+    """The best attempt so far: a passing one with the fewest fp32 (then token-wise) nodes, else
+    the least bad."""
+
+    score: tuple[int, float]
+    path: Path
+    fp32: list[str]
+    tokenwise: list[str]
+    passed: bool
+
+    def better_than(self, other: _Best) -> bool:
+        if self.passed != other.passed:
+            return self.passed
+        if self.passed:
+            return (len(self.fp32), len(self.tokenwise)) < (len(other.fp32), len(other.tokenwise))
+        return self.score < other.score
+
+
+def _smallest(passes: Callable[[int], bool], lo: int, hi: int, deadline: float) -> int | None:
+    """Smallest k in [lo, hi] with ``passes(k)`` (assumed monotone): doubling, then bisection.
+
+    None when none passes or the deadline came first.
+    """
+    if hi < lo:
+        return None
+    below, found, k = lo - 1, None, lo
+    while time.monotonic() < deadline:
+        if passes(k):
+            found = k
+            break
+        below = k
+        if k >= hi:
+            return None
+        k = min(max(2 * k, k + 1), hi)
+    while found is not None and found - below > 1 and time.monotonic() < deadline:
+        mid = (below + found) // 2
+        if passes(mid):
+            found = mid
+        else:
+            below = mid
+    return found
+
+
 class MixedPrecision(OptimizationPass):
     """Quantizes (int8/fp16), keeping the nodes that break the accuracy gate in fp32."""
 
@@ -238,25 +299,30 @@ class MixedPrecision(OptimizationPass):
         build = self._builder(data)
         nodes = [n.name for n in model.graph.node if n.op_type in self.config.op_types and n.name]
 
+        tokenwise_ok = (
+            set(eligible(model, nodes))
+            if self.config.tokenwise and self.config.precision == "int8_dynamic"
+            else set()
+        )
+
         with tempfile.TemporaryDirectory(prefix="bladeflow-mp-") as tmp:
             work = Path(tmp)
             tries = 0
 
-            def attempt(excluded: Sequence[str], only: Sequence[str] | None = None) -> Path:
+            def attempt(
+                excluded: Sequence[str],
+                only: Sequence[str] | None = None,
+                tokenwise: Sequence[str] = (),
+            ) -> Path:
                 nonlocal tries
                 tries += 1
                 path = work / f"try{tries:03d}.onnx"
-                build(source, path, excluded, only)
+                build(source, path, excluded, only, tokenwise)
                 return path
 
             full = attempt([])
             report, outputs = gate.check(full)
-            best: tuple[tuple[int, float], Path, list[str], bool] = (
-                badness(report),
-                full,
-                [],
-                report.passed,
-            )
+            best = _Best(badness(report), full, [], [], report.passed)
             ranking: list[tuple[float, str]] = []
             if not report.passed and nodes:
                 # Rank on the samples the full attempt got worst: that is where the error is.
@@ -274,14 +340,14 @@ class MixedPrecision(OptimizationPass):
                 measured = {n for _, n in ranking}
                 order = [n for _, n in sorted(ranking, reverse=True)]
                 order += [n for n in nodes if n not in measured]
-                best = self._search(order, attempt, gate, deadline, best)
-            _, path, excluded, passed = best
-            shutil.copyfile(path, output)
+                best = self._recover(order, tokenwise_ok, attempt, gate, deadline, best)
+            shutil.copyfile(best.path, output)
         self._details = {
             "precision": self.config.precision,
-            "passed_gate": passed,
+            "passed_gate": best.passed,
             "target_policy": target.model_dump(mode="json"),
-            "fp32_nodes": excluded,
+            "fp32_nodes": best.fp32,
+            "tokenwise_nodes": best.tokenwise,
             "candidate_nodes": len(nodes),
             "sensitivity_top": [n for _, n in sorted(ranking, reverse=True)[:10]],
             "evaluations": gate.evaluations,
@@ -289,60 +355,95 @@ class MixedPrecision(OptimizationPass):
             "budget_exhausted": time.monotonic() > deadline,
         }
 
-    def _search(
+    def _recover(
         self,
         order: list[str],
+        tokenwise_ok: set[str],
         attempt: Callable[..., Path],
         gate: _Gate,
         deadline: float,
-        best: tuple[tuple[int, float], Path, list[str], bool],
-    ) -> tuple[tuple[int, float], Path, list[str], bool]:
-        """Smallest prefix of ``order`` kept in fp32 that passes: doubling, then bisection."""
+        best: _Best,
+    ) -> _Best:
+        """The three searches of the module docstring; the best attempt seen is returned."""
         limit = max(1, int(len(order) * self.config.max_fp32_fraction))
-        tried: dict[int, bool] = {}
+        results: dict[tuple[tuple[str, ...], tuple[str, ...]], bool] = {}
 
-        def check(k: int) -> bool:
+        def check(fp32: list[str], tokenwise: list[str]) -> bool:
             nonlocal best
-            if k in tried:
-                return tried[k]
-            excluded = order[:k]
-            path = attempt(excluded)
-            report, _ = gate.check(path)
-            tried[k] = report.passed
-            score = badness(report)
-            if (report.passed and (not best[3] or k < len(best[2]))) or (
-                not best[3] and score < best[0]
-            ):
-                best = (score, path, excluded, report.passed)
-            return report.passed
+            key = (tuple(sorted(fp32)), tuple(sorted(tokenwise)))
+            if key not in results:
+                path = attempt(fp32, tokenwise=tokenwise)
+                report, _ = gate.check(path)
+                results[key] = report.passed
+                candidate = _Best(badness(report), path, fp32, tokenwise, report.passed)
+                if candidate.better_than(best):
+                    best = candidate
+            return results[key]
 
-        lo, hi, k = 0, None, 1
-        while k <= limit and time.monotonic() < deadline:
-            if check(k):
-                hi = k
-                break
-            lo = k
-            k = min(k * 2, limit) if k < limit else limit + 1
-        while hi is not None and hi - lo > 1 and time.monotonic() < deadline:
-            mid = (lo + hi) // 2
-            if check(mid):
-                hi = mid
-            else:
-                lo = mid
+        def cheapest(k: int) -> tuple[list[str], list[str]]:
+            prefix = order[:k]
+            return [n for n in prefix if n not in tokenwise_ok], [
+                n for n in prefix if n in tokenwise_ok
+            ]
+
+        # 1. cheapest fix for a prefix (fp32 only where token-wise is not possible)
+        n_max = len(order)
+        while n_max > 0 and len(cheapest(n_max)[0]) > limit:
+            n_max -= 1
+        if _smallest(lambda k: check(*cheapest(k)), 1, n_max, deadline) is not None:
+            return best
+        if not tokenwise_ok:
+            return best
+        # 2. every eligible node token-wise, the shortest fp32 prefix on top
+        everyone = [n for n in order if n in tokenwise_ok]
+
+        def fp32_prefix(k: int) -> tuple[list[str], list[str]]:
+            fp32 = order[:k]
+            return fp32, [n for n in everyone if n not in set(fp32)]
+
+        k_fp32 = _smallest(lambda k: check(*fp32_prefix(k)), 1, limit, deadline)
+        if k_fp32 is None:
+            return best
+        # 3. that fp32 set, and the shortest token-wise prefix of the rest
+        fp32 = order[:k_fp32]
+        rest = [n for n in everyone if n not in set(fp32)]
+        _smallest(lambda k: check(fp32, rest[:k]), 0, len(rest), deadline)
         return best
 
     def _builder(self, data: Dataset) -> Builder:
         precision, quant = self.config.precision, self.config.quant
         if precision == "int8_dynamic":
             qd = QuantizeDynamicConfig(**quant)
-            return lambda s, o, ex, only: quantize_dynamic_file(s, o, qd, ex, only)
+
+            def dynamic(
+                source: Path,
+                output: Path,
+                ex: Sequence[str],
+                only: Sequence[str] | None,
+                tokenwise: Sequence[str],
+            ) -> None:
+                if not tokenwise:
+                    quantize_dynamic_file(source, output, qd, ex, only)
+                    return
+                staged = output.with_name(output.stem + "-per-tensor.onnx")
+                quantize_dynamic_file(source, staged, qd, [*ex, *tokenwise], only)
+                tokenwise_file(staged, output, tokenwise)
+                staged.unlink()
+
+            return dynamic
         if precision == "int8_static":
             qs = QuantizeStaticConfig(**quant)
             calib = {k: v[: qs.calibration_samples] for k, v in data.items()}
-            return lambda s, o, ex, only: quantize_static_file(s, o, qs, calib, ex, only)
+            return lambda s, o, ex, only, _tw: quantize_static_file(s, o, qs, calib, ex, only)
         f16 = Float16Config(**quant)
 
-        def fp16(source: Path, output: Path, ex: Sequence[str], only: Sequence[str] | None) -> None:
+        def fp16(
+            source: Path,
+            output: Path,
+            ex: Sequence[str],
+            only: Sequence[str] | None,
+            _tokenwise: Sequence[str] = (),
+        ) -> None:
             model = onnx.load(str(source))
             keep = set(ex)
             if only is not None:

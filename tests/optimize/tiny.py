@@ -136,3 +136,36 @@ def sensitive_cnn(path: Path, channels: int = 8, seed: int = 0) -> Path:
         ],
     )
     return _save(graph, path)
+
+
+def token_sensitive_chain(path: Path, features: int = 16, tokens: int = 8, seed: int = 0) -> Path:
+    """x [batch, tokens, features] -> MatMul ``mm_a`` -> Relu -> Mul(token 0 x1000) -> MatMul
+    ``mm_b`` -> Mul(token 0 x1e-3) -> MatMul ``mm_c`` -> y.
+
+    The transformer ``[CLS]`` pattern: one token of ``mm_b``'s input is 1000x larger than the rest
+    (the fp32 result is ordinary: it is scaled back after ``mm_b``), so one int8 scale per tensor
+    rounds every other token to zero, while a scale per token (``int8_tokenwise``) keeps them.
+    """
+    rng = np.random.default_rng(seed)
+    weights = [rng.standard_normal((features, features)).astype(np.float32) / 4 for _ in range(3)]
+    up = np.ones((tokens, 1), dtype=np.float32)
+    up[0] = 1000.0
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "wa"], ["a"], name="mm_a"),
+            helper.make_node("Relu", ["a"], ["r"], name="relu"),
+            helper.make_node("Mul", ["r", "up"], ["s"], name="outlier"),
+            helper.make_node("MatMul", ["s", "wb"], ["b"], name="mm_b"),
+            helper.make_node("Mul", ["b", "down"], ["d"], name="back"),
+            helper.make_node("MatMul", ["d", "wc"], ["y"], name="mm_c"),
+        ],
+        "token_sensitive",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", tokens, features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", tokens, features])],
+        initializer=[
+            *(numpy_helper.from_array(w, f"w{n}") for w, n in zip(weights, "abc", strict=True)),
+            numpy_helper.from_array(up, "up"),
+            numpy_helper.from_array((1.0 / up).astype(np.float32), "down"),
+        ],
+    )
+    return _save(graph, path)
