@@ -49,7 +49,7 @@ from bladeflow.tasks.optimize.session import physical_cores
 from bladeflow.tasks.register import mlflow_registry as reg
 from bladeflow.tasks.register.run_report import SOURCE
 from bladeflow.tasks.validate.accuracy import REFERENCE_SESSION, predict
-from bladeflow.tasks.validate.data import fixed_batch
+from bladeflow.tasks.validate.data import fixed_batch, mask_padding
 from bladeflow.tasks.validate.gate import GateOutcome, accuracy_gate
 from bladeflow.tasks.validate.prepare import (
     PreparedData,
@@ -178,7 +178,10 @@ def validate_task(
     """The accuracy gate for one candidate: a GX suite over its per-sample errors."""
     with np.load(reference, allow_pickle=False) as npz:
         ref = {k: npz[k] for k in npz.files}
-    outputs = predict(candidate.artifact, candidate.session, read_data(prepared.data))
+    data = read_data(prepared.data)
+    # Per-token outputs are compared on real tokens only (padding positions zeroed in both).
+    outputs = mask_padding(predict(candidate.artifact, candidate.session, data), data)
+    ref = mask_padding(ref, data)
     outcome = accuracy_gate(
         candidate.name,
         outputs,

@@ -56,7 +56,7 @@ from bladeflow.tasks.optimize.int8_static import (
 )
 from bladeflow.tasks.optimize.int8_tokenwise import eligible, tokenwise_file
 from bladeflow.tasks.validate.accuracy import predict
-from bladeflow.tasks.validate.data import Dataset
+from bladeflow.tasks.validate.data import Dataset, mask_padding
 from bladeflow.tasks.validate.gate import judge
 
 # Builds a candidate into `output` with `excluded` node names kept in fp32, `tokenwise` ones made
@@ -132,7 +132,7 @@ class _Gate:
             signature=self.signature,
             provenance=Provenance(source=str(path)),
         )
-        outputs = predict(artifact, SessionConfig(), self.data)
+        outputs = mask_padding(predict(artifact, SessionConfig(), self.data), self.data)
         return judge(path.stem, outputs, self.reference, self.policy), outputs
 
 
@@ -295,6 +295,8 @@ class MixedPrecision(OptimizationPass):
             reference = {k: npz[k] for k in npz.files}
         # The same limits as the final gate, each with `margin` of its allowance held back.
         target = context.gate_policy().tightened(1.0 - self.config.margin)
+        # As the final gate: per-token outputs compared on real tokens (padding zeroed).
+        reference = mask_padding(reference, data)
         gate = _Gate(signature, data, reference, target)
         build = self._builder(data)
         nodes = [n.name for n in model.graph.node if n.op_type in self.config.op_types and n.name]

@@ -26,7 +26,7 @@ from bladeflow.tasks.optimize.int8_dynamic import (
     quantize_dynamic_file,
     resolve,
 )
-from bladeflow.tasks.validate.data import Dataset
+from bladeflow.tasks.validate.data import Dataset, mask_padding
 
 # (outputs, reference) -> one closeness score per sample, higher = closer (cosine: 1 is exact).
 Measure = Callable[[Dataset, Dataset], np.ndarray]
@@ -59,7 +59,8 @@ def dynamic_int8(config: QuantizeDynamicConfig | None = None) -> Quantizer:
 
 
 def run_model(path: Path, data: Dataset, batch: int = 32) -> Dataset:
-    """Outputs of the ONNX model at ``path`` over ``data`` (CPU, graph as written + ORT basic)."""
+    """Outputs of the ONNX model at ``path`` over ``data`` (CPU, graph as written + ORT basic),
+    per-token outputs zeroed at padding positions as the accuracy gate compares them."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -74,7 +75,7 @@ def run_model(path: Path, data: Dataset, batch: int = 32) -> Dataset:
         values = sess.run(names, {k: v[start : start + batch] for k, v in feeds.items()})
         for name, value in zip(names, values, strict=True):
             chunks[name].append(np.asarray(value))
-    return {k: np.concatenate(v) for k, v in chunks.items()}
+    return mask_padding({k: np.concatenate(v) for k, v in chunks.items()}, data)
 
 
 def error_ranking(

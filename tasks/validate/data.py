@@ -285,6 +285,36 @@ def trim_padding(feeds: Dataset, dynamic: set[str], mask: str = "attention_mask"
     return {k: v[:, :keep] if k in same else v for k, v in feeds.items()}
 
 
+PADDING_MASK = "attention_mask"
+
+
+def mask_padding(values: Dataset, data: Dataset, mask: str = PADDING_MASK) -> Dataset:
+    """``values`` with per-token outputs zeroed where ``data[mask]`` is 0 (padding positions).
+
+    A per-token output (``[batch, seq, ...]``, 3-D or more, matching the mask's ``[batch, seq]``)
+    holds numbers at padded positions that nothing downstream reads: mean pooling and token
+    classification mask them out. Compared as they are, they decide a short sentence's error in
+    a batch padded to 128 tokens (all-MiniLM-L6-v2, per-tensor int8: min cosine 0.971 over all
+    positions, 0.995 over the real tokens). Zeroed in both candidate and reference, they add
+    nothing to an error, a dot product or a norm. 2-D outputs (``[batch, seq]`` scores, e.g.
+    answer-span logits, where a padded position could still win an argmax) are left alone.
+    """
+    m = data.get(mask)
+    if m is None or m.ndim != 2 or m.dtype.kind not in "iub":
+        return values
+    if bool(m.all()):
+        return values
+    out = dict(values)
+    pad = m == 0
+    for name, value in values.items():
+        if value.ndim < 3 or value.shape[:2] != m.shape or value.dtype.kind not in "fc":
+            continue
+        masked = value.copy()
+        masked[pad] = 0
+        out[name] = masked
+    return out
+
+
 def tile(data: Dataset, batch_size: int) -> Dataset:
     """A batch of exactly ``batch_size`` samples, cycling through the dataset."""
     n = sample_count(data)

@@ -27,7 +27,7 @@ from bladeflow.core.hashing import sha256_path
 from bladeflow.core.policy import OutputTolerance, TolerancePolicy
 from bladeflow.core.text import safe_name
 from bladeflow.tasks.validate.accuracy import REFERENCE_SESSION, cosine_rows, predict
-from bladeflow.tasks.validate.data import Dataset
+from bladeflow.tasks.validate.data import Dataset, mask_padding
 from bladeflow.tasks.validate.gx import Check, SuiteResult, run_checks
 from bladeflow.tasks.validate.labels import (
     LABEL_AGREE,
@@ -482,10 +482,11 @@ def validate_chain(
     with :data:`REFERENCE_SESSION` unless ``reference`` outputs are given.
     """
     ref = reference if reference is not None else predict(source, REFERENCE_SESSION, data)
+    ref = mask_padding(ref, data)  # as the gate compares: real tokens only
     previous = ref
     result: list[StepError] = []
     for name, artifact, session in steps:
-        got = predict(artifact, session, data)
+        got = mask_padding(predict(artifact, session, data), data)
         result.append(
             StepError(
                 step=name,

@@ -1,10 +1,10 @@
-"""A benchmark batch of tokenized text is timed at its own longest text, as a server pads it."""
+"""Tokenized text: timed at each batch's own length, as served; judged on real tokens only."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from bladeflow.tasks.validate.data import tile, trim_padding
+from bladeflow.tasks.validate.data import mask_padding, tile, trim_padding
 
 
 def _texts() -> dict[str, np.ndarray]:
@@ -40,3 +40,43 @@ def test_fixed_length_inputs_and_left_padding_are_left_alone() -> None:
     # left padding (the real tokens at the end): nothing trailing to cut
     left = {k: v[:, ::-1].copy() if v.shape == (1, 10) else v for k, v in data.items()}
     assert trim_padding(left, DYNAMIC)["attention_mask"].shape == (1, 10)
+
+
+def test_mask_padding_zeroes_per_token_outputs_at_padding_only():
+    # setup: sample 0 has 3 real tokens, sample 1 has 1; a per-token output, a [batch, seq]
+    # score and a pooled [batch, hidden] output
+    data = {"attention_mask": np.array([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=np.int64)}
+    values = {
+        "last_hidden_state": np.arange(2 * 4 * 3, dtype=np.float32).reshape(2, 4, 3) + 1,
+        "start_logits": np.ones((2, 4), dtype=np.float32),
+        "pooled": np.ones((2, 4), dtype=np.float32),
+    }
+    # execute
+    out = mask_padding(values, data)
+    # assert
+    hidden = out["last_hidden_state"]
+    assert (hidden[0, 3] == 0).all() and (hidden[1, 1:] == 0).all()
+    assert (hidden[0, :3] == values["last_hidden_state"][0, :3]).all()
+    assert (hidden[1, 0] == values["last_hidden_state"][1, 0]).all()
+    assert out["start_logits"] is values["start_logits"]  # 2-D: an argmax could read padding
+    assert out["pooled"] is values["pooled"]
+    assert values["last_hidden_state"].min() > 0  # the input is not modified
+
+
+def test_gate_judges_real_tokens_not_padding():
+    # setup: a candidate that is exact on real tokens and wild on the padding
+    from bladeflow.core.policy import TolerancePolicy
+    from bladeflow.tasks.validate.gate import judge
+
+    rng = np.random.default_rng(0)
+    data = {"attention_mask": np.array([[1, 1, 0, 0, 0, 0]] * 3, dtype=np.int64)}
+    ref = {"last_hidden_state": rng.standard_normal((3, 6, 8)).astype(np.float32)}
+    got = {"last_hidden_state": ref["last_hidden_state"].copy()}
+    got["last_hidden_state"][:, 2:] = rng.standard_normal((3, 4, 8))
+    policy = TolerancePolicy()
+    # execute
+    raw = judge("c", got, ref, policy)
+    masked = judge("c", mask_padding(got, data), mask_padding(ref, data), policy)
+    # assert
+    assert not raw.passed
+    assert masked.passed, masked.reason
