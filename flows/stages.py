@@ -118,7 +118,30 @@ def prepare_data_task(model: ModelArtifact, params: OptimizeParams, workdir: Pat
 def build_candidate_task(
     recipe: Recipe, model: ModelArtifact, workdir: Path, context: PassContext
 ) -> Candidate:
-    return build_candidate(recipe, model, workdir, context)
+    candidate = build_candidate(recipe, model, workdir, context)
+    if note := precision_note(Path(workdir) / recipe.name):
+        get_run_logger().info("optimize: built %s: %s", recipe.name, note)
+    return candidate
+
+
+def precision_note(recipe_dir: Path) -> str | None:
+    """What accuracy recovery kept, from its pass details: e.g. ``int8_dynamic: 0/25 nodes kept
+    fp32, 9 token-wise int8``; None for recipes without recovery."""
+    for config in sorted(recipe_dir.glob("*/pass_config.json")):
+        try:
+            details = json.loads(config.read_text()).get("details") or {}
+        except (OSError, ValueError):
+            continue
+        if "fp32_nodes" not in details:
+            continue
+        tokenwise = len(details.get("tokenwise_nodes") or [])
+        note = (
+            f"{details.get('precision', 'int8')}: {len(details['fp32_nodes'])}/"
+            f"{details.get('candidate_nodes', '?')} nodes kept fp32"
+            + (f", {tokenwise} token-wise int8" if tokenwise else "")
+        )
+        return note + ("" if details.get("passed_gate", True) else " (gate not reached)")
+    return None
 
 
 @task(name="reference-outputs")

@@ -58,3 +58,26 @@ def test_a_twin_gets_its_verdict_row_from_its_own_validate_task():
     p.event("validate", "validate-fused-tuned", "Finished in state Completed()")
     # assert: shown as passed, not left at "built"
     assert p.candidates["fused-tuned"].state == "passed"
+
+
+def test_a_recovered_candidate_shows_what_recovery_kept_until_its_verdict(tmp_path):
+    # setup: the build summary as build_candidate_task logs it, from the pass's details
+    import json
+
+    from bladeflow.flows.stages import precision_note
+
+    folder = tmp_path / "fused-int8-recovered" / "01-mixed_precision"
+    folder.mkdir(parents=True)
+    details = {"precision": "int8_dynamic", "passed_gate": True, "candidate_nodes": 25}
+    details |= {"fp32_nodes": ["a", "b"], "tokenwise_nodes": ["c"] * 9}
+    (folder / "pass_config.json").write_text(json.dumps({"details": details}))
+    note = precision_note(tmp_path / "fused-int8-recovered")
+    p = Progress()
+    # execute
+    p.event("build-candidate", "build-fused-int8-recovered", f"optimize: built x: {note}")
+    p.event("validate", "validate-fused-int8-recovered", "validate: fused-int8-recovered passed")
+    # assert
+    assert note == "int8_dynamic: 2/25 nodes kept fp32, 9 token-wise int8"
+    row = p.candidates["fused-int8-recovered"]
+    assert row.state == "passed" and row.note == note
+    assert precision_note(tmp_path / "no-such-recipe") is None

@@ -60,6 +60,9 @@ class _Row:
         return f"{(end or time.monotonic()) - self.started:5.1f} s"
 
 
+BUILT = "optimize: built"  # a build's summary line (bladeflow.flows.stages.build_candidate_task)
+
+
 @dataclass
 class Progress:
     """Stage and candidate rows, updated from the flow's log records."""
@@ -88,13 +91,16 @@ class Progress:
                 cand.state = "building" if task == "build-candidate" else "validating"
         if message.startswith("Finished in state"):
             self._finished(task, task_run, row, cand, "Completed" in message, now)
+        elif cand is not None and task == "build-candidate" and message.startswith(BUILT):
+            cand.note = message.split(": ", 2)[-1][:60]  # what recovery kept in fp32 / token-wise
+            self.lines.append(message[:140])
         elif (
             cand is not None
             and task == "validate"
             and (" passed" in message or "FAILED" in message)
         ):
             cand.state = "passed" if " passed" in message else "rejected"
-            cand.note = message.split("(", 1)[1][:60] if "(" in message else ""
+            cand.note = message.split("(", 1)[1][:60] if "(" in message else cand.note
             self.lines.append(message[:140] + ("..." if len(message) > 140 else ""))
         elif not message.startswith(("Created task run", "Executing")):
             row.note = message[:70]

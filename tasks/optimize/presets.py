@@ -48,7 +48,8 @@ def cpu(hw: dict[str, Any]) -> list[Recipe]:
                 passes=[FUSED, PassRecord(name="int8_dynamic", config={"per_channel": True})],
             )
         ),
-        # The same int8 with the nodes that break the gate kept in fp32 (needs a PassContext).
+        # The same int8 with the nodes that break the gate fixed, cheapest first: token-wise int8,
+        # else fp32 (needs a PassContext).
         *_tuned(
             Recipe(
                 name="fused-int8-recovered",
