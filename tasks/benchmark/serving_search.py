@@ -14,6 +14,14 @@ The search is coarse to fine, within a time budget: the defaults and a coarse gr
 1 and 2 workers) first, then the neighbours of the best (batch x0.5/x2, timeout 1/5 ms) while the
 budget lasts. The servers of one stage start together (start-up, mostly importing MLflow, is
 ~10-20 s on two busy cores) and wait idle while another is measured.
+
+Configurations are measured one after another, so one noisy moment (a neighbour taking the
+shared cores for a few seconds) can end one climb early and decide the winner: two identical runs
+on MiniLM gave the default 70.6/s and 391.9/s. So when the search's best is not the default, a
+confirmation phase (:func:`_confirm`) climbs the default and the best again, interleaved
+(D B D B), on the servers the search kept running, in ``CONFIRM_SHARE`` of the budget set aside
+for it; the best replaces the default only when it is faster by more than ``SAME_SPEED``
+(:func:`decide`), and the gain is the confirmation's.
 """
 
 from __future__ import annotations
@@ -30,13 +38,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bladeflow.core.stats import quantile_interval
 from bladeflow.tasks.benchmark.openloop import StepResult, Target, closed_loop, open_loop
+from bladeflow.tasks.benchmark.select import SAME_SPEED
 from bladeflow.tasks.benchmark.serving_server import (
     ServedModel,
     ServerProcess,
     ServerSample,
     histogram_quantile,
     scrape,
-    servers,
 )
 
 Say = Callable[[str], None]
@@ -46,6 +54,12 @@ MIN_STEP_S, MAX_STEP_S, STEP_REQUESTS = 1.5, 4.0, 400  # a step lasts ~STEP_REQU
 PROBE_S = 1.0
 MIN_CONFIG_S = 15.0  # a configuration gets at least this long (start-up share + a few steps)
 SIMPLER_WITHIN = 0.05  # configurations within 5 % of the best rate: the simpler one wins
+# The confirmation (see the module docstring): this share of a model's budget is kept from the
+# search for it (returned to the caller when the search's best is the default); rounds of D B.
+CONFIRM_SHARE = 0.3
+CONFIRM_ROUNDS = 2
+CONFIRM_MAX_STEPS = 6  # per confirmation climb: it starts next to the search's rates
+MIN_CLIMB_S = 8.0  # the least a confirmation climb gets: 1 s warm-up and ~3 steps
 
 
 def machine_cores() -> int:
@@ -112,7 +126,8 @@ class ConfigResult(BaseModel):
     """What one configuration sustained, and the steps that showed it."""
 
     config: ServingConfig
-    stage: str  # default, coarse, fine
+    stage: str  # default, coarse, fine, confirm
+    round: int | None = None  # the confirmation round (1, 2, ...) of a "confirm" climb
     sustained_qps: float = 0.0  # highest passing rate (0: not even the lowest step passed)
     probe_qps: float = 0.0
     at_sustained: Step | None = None
@@ -131,6 +146,7 @@ class ConfigResult(BaseModel):
 
         return {
             "stage": self.stage,
+            "round": self.round,
             "max_batch_size": c.max_batch_size,
             "batch_timeout_ms": c.batch_timeout_ms,
             "workers": c.workers,
@@ -149,8 +165,28 @@ class ConfigResult(BaseModel):
         }
 
 
+class Confirmation(BaseModel):
+    """The default and the search's best climbed again, interleaved, and what that decided."""
+
+    challenger: ServingConfig  # the search's best
+    planned_rounds: int
+    rounds: int  # rounds run: each one climb of the default, then one of the challenger
+    default_qps: list[float]  # sustained rate of each of the default's climbs, in round order
+    challenger_qps: list[float]
+    default_confirmed_qps: float  # the highest of its climbs (see decide)
+    challenger_confirmed_qps: float
+    gain: float | None  # challenger / default, confirmed; None when the default sustained nothing
+    search_gain: float | None  # the same ratio from the search's single climbs, for comparison
+    challenger_wins: bool
+    reason: str
+
+
 class ModelTuning(BaseModel):
-    """The search over one served model (the chosen version, or the source)."""
+    """The search over one served model (the chosen version, or the source).
+
+    ``best`` and ``default`` are the confirmation's climbs when one ran (``best`` is then the
+    default's when the challenger did not win), else the search's.
+    """
 
     label: str
     name: str
@@ -159,6 +195,7 @@ class ModelTuning(BaseModel):
     best: ConfigResult | None
     default: ConfigResult | None
     seconds: float
+    confirmation: Confirmation | None = None
 
 
 # -- one step, one configuration -------------------------------------------------------------
@@ -244,19 +281,26 @@ def measure(
     result: ConfigResult,
     deadline: float,
     say: Say | None = None,
+    *,
+    start: float | None = None,
+    max_steps: int = MAX_STEPS,
 ) -> ConfigResult:
-    """Climb the rate ladder on one running server; fill ``result``'s steps and sustained rate."""
+    """Climb the rate ladder on one running server; fill ``result``'s steps and sustained rate.
+
+    ``start``: the first step's rate (default: half the closed-loop probe's rate). A step starts
+    only when it fits before ``deadline``.
+    """
     t0 = time.monotonic()
     target = Target("127.0.0.1", server.port, f"/v2/models/{server.model.name}/infer")
     c = result.config
     concurrency = min(64, max(4, 2 * c.max_batch_size * c.workers))
     probe = closed_loop(target, bodies, concurrency, PROBE_S)  # also the warm-up
     result.probe_qps = probe.qps
-    rate = max(1.0, 0.5 * probe.qps)
+    rate = max(1.0, start if start is not None else 0.5 * probe.qps)
     lo: Step | None = None  # highest pass
     hi: float | None = None  # lowest fail
     refinements = 0
-    while len(result.steps) < MAX_STEPS and time.monotonic() + MIN_STEP_S < deadline:
+    while len(result.steps) < max_steps and time.monotonic() + step_duration(rate) < deadline:
         step = run_step(server, target, bodies, rate, slo_ms)
         result.steps.append(step)
         if say:
@@ -335,15 +379,25 @@ def tune_model(
     cores: int | None = None,
     fine: bool = True,
     first: Sequence[ServingConfig] = (),
+    confirm: bool = True,
     say: Say | None = None,
 ) -> ModelTuning:
-    """Search the configurations of ``model`` within ``budget_s`` seconds (coarse, then fine).
+    """Search the configurations of ``model`` within ``budget_s`` seconds (coarse, then fine),
+    then confirm a best that is not the default against the default (:func:`_confirm`).
 
     ``first``: configurations measured with the defaults, before the coarse grid (the source
     tries the version's winner there, so a short budget still gives it a tuned configuration).
+    ``confirm``: keep ``CONFIRM_SHARE`` of the budget for the confirmation; without it the
+    search's best stands unconfirmed (the source's search, which only feeds the capacity).
+    When the search's best is the default, the function returns early, leaving that share unused.
     """
     t0 = time.monotonic()
     deadline = t0 + budget_s
+    search_s = budget_s
+    if confirm:  # never below the time of a start-up and two configurations (the default and
+        # one challenger, tune_model's rule below): with less, there is nothing to confirm
+        search_s = max(budget_s * (1 - CONFIRM_SHARE), min(budget_s, 3 * MIN_CONFIG_S))
+    search_deadline = t0 + search_s
     cores = cores or machine_cores()
     results: list[ConfigResult] = []
     stages: list[tuple[str, list[ServingConfig]]] = [
@@ -351,40 +405,70 @@ def tune_model(
         ("coarse", list(dict.fromkeys([*first, *coarse_grid(cores)]))),
     ]
     cost = MIN_CONFIG_S  # seconds one configuration takes (start-up + measuring), for the budget
-    while stages and time.monotonic() < deadline:
-        stage, configs = stages.pop(0)
-        if stage == "default":  # measured with the coarse stage: one start-up for both
-            stage2, more = stages.pop(0)
-            batch = [ConfigResult(config=c, stage="default") for c in configs] + [
-                ConfigResult(config=c, stage=stage2) for c in more if c != DEFAULT_CONFIG
-            ]
-        else:
-            seen = {r.config for r in results}
-            batch = [ConfigResult(config=c, stage=stage) for c in configs if c not in seen]
-        fits = int((deadline - time.monotonic()) / cost) - 1  # start-up ~= one configuration
-        batch = batch[: max(0, fits)]
-        if not batch:
-            break
-        # The fine stage's configurations (up to 4) get their share of what is left.
-        reserve = 4 if fine and stage in {"default", "coarse"} else 0
-        _measure_stage(model, batch, bodies, slo_ms, deadline, reserve, workdir, say)
-        results += batch
-        measured = [r for r in batch if r.error is None]
-        if measured:
-            cost = max(cost, sum(r.seconds + r.startup_s for r in measured) / len(measured))
-        if fine and stage in {"default", "coarse"}:
+    # The default's and the best's servers stay up for the confirmation (no second start-up).
+    kept: dict[ServingConfig, ServerProcess] = {}
+    try:
+        while stages and time.monotonic() < search_deadline:
+            stage, configs = stages.pop(0)
+            if stage == "default":  # measured with the coarse stage: one start-up for both
+                stage2, more = stages.pop(0)
+                batch = [ConfigResult(config=c, stage="default") for c in configs] + [
+                    ConfigResult(config=c, stage=stage2) for c in more if c != DEFAULT_CONFIG
+                ]
+            else:
+                seen = {r.config for r in results}
+                batch = [ConfigResult(config=c, stage=stage) for c in configs if c not in seen]
+            fits = int((search_deadline - time.monotonic()) / cost) - 1  # start-up ~= one config
+            batch = batch[: max(0, fits)]
+            if not batch:
+                break
+            # The fine stage's configurations (up to 4) get their share of what is left.
+            reserve = 4 if fine and stage in {"default", "coarse"} else 0
+            procs = _measure_stage(
+                model, batch, bodies, slo_ms, search_deadline, reserve, workdir, say
+            )
+            results += batch
             best = choose(results)
-            if best is not None:
+            wanted = {DEFAULT_CONFIG, best.config} if confirm and best is not None else set()
+            for result, proc in zip(batch, procs, strict=True):
+                if result.config in wanted and result.error is None:
+                    kept[result.config] = proc
+                else:
+                    proc.stop()
+            for config in [c for c in kept if c not in wanted]:
+                kept.pop(config).stop()
+            measured = [r for r in batch if r.error is None]
+            if measured:
+                cost = max(cost, sum(r.seconds + r.startup_s for r in measured) / len(measured))
+            if fine and stage in {"default", "coarse"} and best is not None:
                 stages.append(("fine", neighbours(best.config)))
-    default = next((r for r in results if r.stage == "default"), None)
+        best = choose(results)
+        default = next((r for r in results if r.stage == "default"), None)
+        confirmation: Confirmation | None = None
+        # A default that could not be measured (its server failed) cannot be climbed again:
+        # the search's best stands, with no gain to report.
+        if (
+            confirm
+            and best is not None
+            and default is not None
+            and default.error is None
+            and best is not default
+        ):
+            climbs, confirmation = _confirm(kept, default, best, bodies, slo_ms, deadline, say)
+            results += climbs
+            best, default = _confirmed(climbs, confirmation, best, default)
+    finally:
+        for proc in kept.values():
+            proc.stop()
     return ModelTuning(
         label=model.label,
         name=model.name,
         version=model.version,
         results=results,
-        best=choose(results),
+        best=best,
         default=default,
         seconds=time.monotonic() - t0,
+        confirmation=confirmation,
     )
 
 
@@ -397,15 +481,22 @@ def _measure_stage(
     reserve: int,
     workdir: Path,
     say: Say | None,
-) -> None:
+) -> list[ServerProcess]:
     """Start the stage's servers together, then measure each within its slice of the time left
-    (``reserve`` more configurations are still to come after this stage)."""
+    (``reserve`` more configurations are still to come after this stage). The servers are
+    returned running: the caller stops them (all of them are stopped here if this raises)."""
     procs = [
-        ServerProcess(model, r.config.flags(), workdir / "logs" / f"{model.label}-{i}.log")
+        ServerProcess(
+            model, r.config.flags(), workdir / "logs" / f"{model.label}-{r.stage}-{i}.log"
+        )
         for i, r in enumerate(batch)
     ]
     t0 = time.monotonic()
-    with servers(procs):
+    try:
+        for p in procs:  # start-ups overlap
+            p.start()
+        for p in procs:
+            p.wait_ready()
         startup = time.monotonic() - t0
         for i, (proc, result) in enumerate(zip(procs, batch, strict=True)):
             result.startup_s = startup / len(batch)
@@ -418,3 +509,172 @@ def _measure_stage(
                 measure(proc, bodies, slo_ms, result, until, say)
             except (OSError, RuntimeError) as exc:  # this configuration could not be measured
                 result.error = f"{type(exc).__name__}: {exc}"[:300]
+    except BaseException:
+        for p in procs:
+            p.stop()
+        raise
+    return procs
+
+
+# -- the confirmation ---------------------------------------------------------------------------
+
+
+def decide(
+    default_qps: Sequence[float],
+    challenger_qps: Sequence[float],
+    challenger: ServingConfig,
+    *,
+    planned_rounds: int = CONFIRM_ROUNDS,
+    search_gain: float | None = None,
+    short: str = "",
+) -> Confirmation:
+    """The confirmation's verdict from each configuration's climbs (interleaved, same count).
+
+    A climb stops rising at its first failing step, and a busy neighbour can only make a step
+    fail, never pass (a pass needs the p99's whole 95 % interval within the SLO): noise lowers a
+    climb's rate and does not raise it. So a configuration's confirmed rate is the highest of its
+    climbs, the rate it has shown it sustains; both got the same number of climbs, interleaved,
+    so the same chances. (A mean or a paired ratio would let one disturbed climb decide again:
+    the default's 70.6/s and 391.9/s average 231/s, and a 257/s challenger would replace a
+    default that sustained 391.9/s.) The challenger replaces the default only when faster by
+    more than ``SAME_SPEED``; within that, the default stays: it must be beaten by more than the
+    noise.
+
+    Args:
+        default_qps: the default's sustained rate in each of its confirmation climbs.
+        challenger_qps: the challenger's, in the same rounds.
+        challenger: the search's best configuration.
+        planned_rounds: the rounds the confirmation wanted (fewer ran when time was short).
+        search_gain: challenger / default from the search, shown beside the confirmed gain.
+        short: why fewer rounds than planned ran (empty when all ran).
+    """
+    if len(default_qps) != len(challenger_qps):
+        raise ValueError(
+            f"the default has {len(default_qps)} climbs and the challenger "
+            f"{len(challenger_qps)}: the confirmation climbs both in every round"
+        )
+    rounds = len(default_qps)
+    d, c = max(default_qps, default=0.0), max(challenger_qps, default=0.0)
+    gain = round(c / d, 3) if d > 0 else None
+    searched = f" (x{search_gain:g} in the search)" if search_gain else ""
+    counted = f"{rounds} interleaved round(s) of {planned_rounds} planned" + (
+        f": {short}" if short else ""
+    )
+    if rounds == 0:
+        wins = False
+        reason = (
+            f"not confirmed ({short or 'no time left'}): the search's best{searched} was not "
+            "climbed again against the default, so the default configuration stays"
+        )
+    elif d <= 0:
+        wins = c > 0
+        reason = (
+            f"the default sustained no tried rate in {counted}; the challenger sustained {c:.1f}/s"
+            if wins
+            else f"neither sustained a tried rate in {counted}: the default configuration stays"
+        )
+    else:
+        wins = c > SAME_SPEED * d
+        verdict = (
+            f"more than x{SAME_SPEED:g}: the challenger wins"
+            if wins
+            else f"not more than x{SAME_SPEED:g}: the default configuration stays"
+        )
+        reason = (
+            f"confirmed in {counted}: challenger ({challenger.label()}) {c:.1f}/s vs default "
+            f"{d:.1f}/s (best climb of each), x{c / d:.3f}{searched}, {verdict}"
+        )
+    return Confirmation(
+        challenger=challenger,
+        planned_rounds=planned_rounds,
+        rounds=rounds,
+        default_qps=[round(v, 2) for v in default_qps],
+        challenger_qps=[round(v, 2) for v in challenger_qps],
+        default_confirmed_qps=round(d, 2),
+        challenger_confirmed_qps=round(c, 2),
+        gain=gain,
+        search_gain=search_gain,
+        challenger_wins=wins,
+        reason=reason,
+    )
+
+
+def confirm_rounds(left_s: float, planned: int = CONFIRM_ROUNDS) -> int:
+    """How many D B rounds fit in ``left_s`` seconds (each climb needs ``MIN_CLIMB_S``)."""
+    return max(0, min(planned, int(left_s / (2 * MIN_CLIMB_S))))
+
+
+def _confirm(
+    kept: dict[ServingConfig, ServerProcess],
+    default: ConfigResult,
+    best: ConfigResult,
+    bodies: Sequence[bytes],
+    slo_ms: float,
+    deadline: float,
+    say: Say | None,
+) -> tuple[list[ConfigResult], Confirmation]:
+    """Climb the default and ``best`` again, D B D B, on their kept servers until ``deadline``.
+
+    Each climb is a full climb as :func:`measure` does it, only shorter: both start at the same
+    rate, one step under the higher of the two search rates, so both use the same rate ladder and
+    reach their limits in a few steps (a fixed-rate check at the search's rates could not show a
+    default that the search under-measured by 5x, as seen on MiniLM). With ``CONFIRM_MAX_STEPS``
+    a climb reaches at most ~2.4x the higher search rate; two climbs that both pass up there tie,
+    and the default stays.
+    """
+    search_gain = (
+        round(best.sustained_qps / default.sustained_qps, 3) if default.sustained_qps else None
+    )
+    left = deadline - time.monotonic()
+    rounds = confirm_rounds(left)
+    short = ""
+    if rounds < CONFIRM_ROUNDS:
+        short = (
+            f"the search left {max(left, 0.0):.0f} s, {2 * CONFIRM_ROUNDS * MIN_CLIMB_S:g} s "
+            f"needed for {CONFIRM_ROUNDS} rounds; give a larger --budget-s"
+        )
+    missing = [r.config.label() for r in (default, best) if r.config not in kept]
+    if missing and rounds:
+        rounds = 0
+        short = f"the server of {' and '.join(missing)} failed in the search"
+    start = max(default.sustained_qps, best.sustained_qps, 1.0) / RAISE
+    climbs: list[ConfigResult] = []
+    for i in range(2 * rounds):
+        config = (default, best)[i % 2].config
+        result = ConfigResult(config=config, stage="confirm", round=i // 2 + 1)
+        until = time.monotonic() + (deadline - time.monotonic()) / (2 * rounds - i)
+        if say:
+            say(f"confirm round {result.round}/{rounds}: {config.label()}")
+        try:
+            measure(
+                kept[config], bodies, slo_ms, result, min(until, deadline), say,
+                start=start, max_steps=CONFIRM_MAX_STEPS,
+            )  # fmt: skip
+        except (OSError, RuntimeError) as exc:  # counts as a climb that sustained nothing
+            result.error = f"{type(exc).__name__}: {exc}"[:300]
+        climbs.append(result)
+    verdict = decide(
+        [r.sustained_qps for r in climbs[0::2]],
+        [r.sustained_qps for r in climbs[1::2]],
+        best.config,
+        search_gain=search_gain,
+        short=short,
+    )
+    if say:
+        say(verdict.reason)
+    return climbs, verdict
+
+
+def _confirmed(
+    climbs: list[ConfigResult],
+    verdict: Confirmation,
+    best: ConfigResult,
+    default: ConfigResult,
+) -> tuple[ConfigResult, ConfigResult]:
+    """(best, default) after the confirmation: each one's highest climb, the default as best
+    unless the challenger won; the search's results when no climb ran."""
+    if not climbs:
+        return default, default
+    top_default = max(climbs[0::2], key=lambda r: r.sustained_qps)
+    top_challenger = max(climbs[1::2], key=lambda r: r.sustained_qps)
+    return (top_challenger if verdict.challenger_wins else top_default), top_default

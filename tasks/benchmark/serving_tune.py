@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import orjson
@@ -34,6 +35,7 @@ from bladeflow.core.settings import Settings
 from bladeflow.tasks.benchmark.incumbent import download_version, resolve_version
 from bladeflow.tasks.benchmark.serving_search import (
     MIN_CONFIG_S,
+    Confirmation,
     ModelTuning,
     Say,
     machine_cores,
@@ -83,6 +85,8 @@ class TuneResult(BaseModel):
     serving_config: dict[str, Any] | None  # the tag's value; None when no config held the SLO
     reason: str | None = None  # why serving_config is None
     table: list[dict[str, Any]]
+    # The default's and the winner's sustained rates, and their ratio: from the confirmation
+    # (the table's "confirm" rows) when one ran, else from the search.
     default_qps: float
     tuned_qps: float
     gain_vs_default: float | None
@@ -90,6 +94,10 @@ class TuneResult(BaseModel):
     seconds: float
     synthetic_requests: bool
     tuning: list[ModelTuning] = Field(default_factory=list, exclude=True)  # steps: artifact only
+    # The search's best against the default, climbed again interleaved; None when the search
+    # chose the default (nothing to confirm). Its reason says which stayed and why.
+    confirmation: Confirmation | None = None
+    gain_from: Literal["search", "confirmation"] = "search"  # where gain_vs_default comes from
 
 
 def request_bodies(
@@ -188,6 +196,9 @@ def tune_serving(
             f"too little to search the source (at least {MIN_SEARCH_S:g} s)"
         )
     if source_path is not None:
+        # The throwaway registry a previous tune of this version left in the same work folder
+        # (source_registry refuses to overwrite it, which failed every second tune with exit 2).
+        shutil.rmtree(workdir / "source-registry", ignore_errors=True)
         served = source_registry(source_path, f"{name}-source", workdir)
         source_tuning = tune_model(
             served,
@@ -197,6 +208,7 @@ def tune_serving(
             workdir,
             cores=cores,
             fine=False,
+            confirm=False,  # its best only feeds the capacity; the budget goes to its search
             first=[chosen.best.config] if chosen.best else [],
             say=say,
         )
@@ -210,6 +222,7 @@ def tune_serving(
             "slo_p99_ms": slo_p99_ms,
             "sustained_qps": round(best.sustained_qps, 1),
             "default_qps": round(default.sustained_qps, 1) if default else None,
+            "gain_from": _gain_from(chosen),
             "cores": cores,
             "tuned_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
@@ -230,7 +243,14 @@ def tune_serving(
         seconds=round(time.monotonic() - t0, 1),
         synthetic_requests=synthetic,
         tuning=tunings,
+        confirmation=chosen.confirmation,
+        gain_from=_gain_from(chosen),
     )
+
+
+def _gain_from(tuning: ModelTuning) -> Literal["search", "confirmation"]:
+    c = tuning.confirmation
+    return "confirmation" if c is not None and c.rounds else "search"
 
 
 def _too_short(budget_s: float) -> str:
@@ -301,13 +321,13 @@ def _capacity(
 
 def table_markdown(result: TuneResult) -> str:
     cols = [
-        "model", "stage", "max_batch_size", "batch_timeout_ms", "workers", "intra_op_threads",
-        "sustained_qps", "client_qps", "client_p50_ms", "client_p99_ms", "server_qps",
-        "server_p50_ms", "server_p99_ms", "server_cpu_cores",
+        "model", "stage", "round", "max_batch_size", "batch_timeout_ms", "workers",
+        "intra_op_threads", "sustained_qps", "client_qps", "client_p50_ms", "client_p99_ms",
+        "server_qps", "server_p50_ms", "server_p99_ms", "server_cpu_cores",
     ]  # fmt: skip
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in result.table:
-        lines.append("| " + " | ".join("" if r[c] is None else str(r[c]) for c in cols) + " |")
+        lines.append("| " + " | ".join("" if r.get(c) is None else str(r[c]) for c in cols) + " |")
     return "\n".join(lines)
 
 
@@ -335,8 +355,11 @@ def capacity_markdown(result: TuneResult) -> str:
         lines.append(f"Not measured: {c.reason}.")
     if result.gain_vs_default:
         lines.append(
-            f"Tuned configuration vs the defaults: x{result.gain_vs_default:g} the sustained rate."
+            f"Tuned configuration vs the defaults: x{result.gain_vs_default:g} the sustained rate "
+            f"(from the {result.gain_from})."
         )
+    if result.confirmation is not None:
+        lines.append(f"Confirmation: {result.confirmation.reason}.")
     return "\n".join(lines) + "\n"
 
 
@@ -357,6 +380,8 @@ def plot(result: TuneResult, path: Path) -> Path:
                 ]
                 label = f"{t.label}: b{r.config.max_batch_size} {r.config.batch_timeout_ms:g}ms "
                 label += f"w{r.config.workers}"
+                if r.round is not None:
+                    label += f" confirm {r.round}"
                 ax.plot([s.rate for s in steps], p99, marker="o", label=label)
     ax.axhline(result.slo_p99_ms, color="red", linestyle="--", label="SLO")
     ax.set_xlabel("offered rate (requests/s, open loop)")
