@@ -6,8 +6,10 @@ Nodes are ranked by sensitivity and the search finds, in order:
 
 1. the shortest prefix of the ranking whose nodes get their cheapest fix (token-wise when
    eligible, else fp32) that passes the gate;
-2. if none passes: every eligible node token-wise, and the shortest prefix kept in fp32;
-3. then, with that fp32 set, the shortest prefix still needing token-wise (often none).
+2. if none passes: the shortest prefix kept in fp32, the rest per-tensor (recovery without
+   token-wise; token-wise is symmetric, so on a row without outliers it can be coarser than
+   per-tensor u8 over a one-sided range, and stage 1 can fail where this passes);
+3. then the shortest part of that fp32 set that must stay fp32, its tail made token-wise.
 
 Each search doubles, then bisects. fp16 and int8_static have fp32 as their only fix.
 """
@@ -394,22 +396,23 @@ class MixedPrecision(OptimizationPass):
             n_max -= 1
         if _smallest(lambda k: check(*cheapest(k)), 1, n_max, deadline) is not None:
             return best
-        if not tokenwise_ok:
+        # 2. the shortest fp32 prefix, the rest per-tensor int8: the search recovery did before
+        # token-wise existed, so nothing that passed then fails now. (Not "every node token-wise
+        # plus an fp32 prefix": token-wise is symmetric, 127 levels a side, and on a row with no
+        # outlier it is coarser than per-tensor u8 over a one-sided range such as GELU's output;
+        # the demo's matcher failed that way.)
+        k_fp32 = _smallest(lambda k: check(order[:k], []), 1, limit, deadline)
+        if k_fp32 is None or not tokenwise_ok:
             return best
-        # 2. every eligible node token-wise, the shortest fp32 prefix on top
-        everyone = [n for n in order if n in tokenwise_ok]
 
-        def fp32_prefix(k: int) -> tuple[list[str], list[str]]:
-            fp32 = order[:k]
-            return fp32, [n for n in everyone if n not in set(fp32)]
+        # 3. hand that fp32 set's tail to token-wise: the shortest fp32 prefix j that still passes
+        # with the eligible nodes of order[j:k_fp32] token-wise (ineligible ones stay fp32)
+        def shrink(j: int) -> tuple[list[str], list[str]]:
+            tail = order[j:k_fp32]
+            keep = [n for n in tail if n not in tokenwise_ok]
+            return order[:j] + keep, [n for n in tail if n in tokenwise_ok]
 
-        k_fp32 = _smallest(lambda k: check(*fp32_prefix(k)), 1, limit, deadline)
-        if k_fp32 is None:
-            return best
-        # 3. that fp32 set, and the shortest token-wise prefix of the rest
-        fp32 = order[:k_fp32]
-        rest = [n for n in everyone if n not in set(fp32)]
-        _smallest(lambda k: check(fp32, rest[:k]), 0, len(rest), deadline)
+        _smallest(lambda j: check(*shrink(j)), 0, k_fp32 - 1, deadline)
         return best
 
     def _builder(self, data: Dataset) -> Builder:
