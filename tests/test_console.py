@@ -81,3 +81,8 @@ def test_a_recovered_candidate_shows_what_recovery_kept_until_its_verdict(tmp_pa
     row = p.candidates["fused-int8-recovered"]
     assert row.state == "passed" and row.note == note
     assert precision_note(tmp_path / "no-such-recipe") is None
+    details["passed_gate"] = False  # recovery missed its own aim (inside the gate): said, mildly
+    (folder / "pass_config.json").write_text(json.dumps({"details": details}))
+    assert precision_note(tmp_path / "fused-int8-recovered") == (
+        f"{note}, short of recovery's margin"
+    )
