@@ -288,8 +288,24 @@ def trim_padding(feeds: Dataset, dynamic: set[str], mask: str = "attention_mask"
 PADDING_MASK = "attention_mask"
 
 
+def padding_mask(data: Dataset, preferred: str = PADDING_MASK) -> np.ndarray | None:
+    """The inputs' ``[batch, seq]`` padding mask: ``preferred`` (``attention_mask``), else the one
+    input named ``*mask*`` (TF BERT's ``input_mask``) that is 2-D integer/bool with only 0s and 1s.
+    None when there is none, or several candidates and none is ``preferred``."""
+
+    def is_mask(v: np.ndarray) -> bool:
+        return v.ndim == 2 and v.dtype.kind in "iub" and bool(np.isin(v, (0, 1)).all())
+
+    if preferred in data:
+        return data[preferred] if is_mask(data[preferred]) else None
+    found = [v for k, v in data.items() if "mask" in k.lower() and is_mask(v)]
+    return found[0] if len(found) == 1 else None
+
+
 def mask_padding(values: Dataset, data: Dataset, mask: str = PADDING_MASK) -> Dataset:
-    """``values`` with per-token outputs zeroed where ``data[mask]`` is 0 (padding positions).
+    """``values`` with per-token outputs zeroed where the inputs' padding mask is 0.
+
+    The mask is ``data[mask]``, else the one 0/1 input named ``*mask*`` (:func:`padding_mask`).
 
     A per-token output (``[batch, seq, ...]``, 3-D or more, matching the mask's ``[batch, seq]``)
     holds numbers at padded positions that nothing downstream reads: mean pooling and token
@@ -300,10 +316,8 @@ def mask_padding(values: Dataset, data: Dataset, mask: str = PADDING_MASK) -> Da
     (``[batch, seq]`` scores, e.g. answer-span logits, where a padded position could still win
     an argmax) are left alone.
     """
-    m = data.get(mask)
-    if m is None or m.ndim != 2 or m.dtype.kind not in "iub":
-        return values
-    if bool(m.all()):
+    m = padding_mask(data, mask)
+    if m is None or bool(m.all()):
         return values
     out = dict(values)
     pad = m == 0

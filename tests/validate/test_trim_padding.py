@@ -80,3 +80,16 @@ def test_gate_judges_real_tokens_not_padding():
     # assert
     assert not raw.passed
     assert masked.passed, masked.reason
+
+
+def test_the_padding_mask_is_attention_mask_else_the_one_0_1_input_named_mask():
+    # setup: TF BERT names it input_mask
+    mask = np.array([[1, 1, 0], [1, 0, 0]], dtype=np.int32)
+    hidden = {"h": np.ones((2, 3, 4), np.float32)}
+    # execute
+    tf_style = mask_padding(hidden, {"input_ids": mask * 5, "input_mask": mask})
+    two = mask_padding(hidden, {"input_mask": mask, "segment_mask": mask})  # which one? neither
+    not_0_1 = mask_padding(hidden, {"attention_mask": mask * 2})
+    # assert
+    assert tf_style["h"][:, :, 0].tolist() == [[1, 1, 0], [1, 0, 0]]
+    assert two["h"] is hidden["h"] and not_0_1["h"] is hidden["h"]
