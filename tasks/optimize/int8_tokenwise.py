@@ -180,8 +180,15 @@ def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
                 used |= {i for n in sub.node for i in n.input}
     keep = [i for i in graph.initializer if i.name in used]
     if len(keep) != len(graph.initializer):
+        dropped = {i.name for i in graph.initializer} - {i.name for i in keep}
         del graph.initializer[:]
         graph.initializer.extend(keep)
+        # Old exporters (IR < 4) also list initializers as graph inputs: a dropped weight left
+        # there would become an input the caller must feed.
+        inputs = [i for i in graph.input if i.name not in dropped]
+        if len(inputs) != len(graph.input):
+            del graph.input[:]
+            graph.input.extend(inputs)
 
 
 def tokenwise_file(source: Path, output: Path, names: Collection[str] | None = None) -> list[str]:

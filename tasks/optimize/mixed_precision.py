@@ -247,7 +247,7 @@ def _smallest(passes: Callable[[int], bool], lo: int, hi: int, deadline: float) 
 
 
 class MixedPrecision(OptimizationPass):
-    """Quantizes (int8/fp16), keeping the nodes that break the accuracy gate in fp32."""
+    """Quantizes (int8/fp16); nodes that break the accuracy gate get token-wise int8 or fp32."""
 
     name = "mixed_precision"
     config_cls = MixedPrecisionConfig
@@ -384,17 +384,17 @@ class MixedPrecision(OptimizationPass):
                     best = candidate
             return results[key]
 
-        def cheapest(k: int) -> tuple[list[str], list[str]]:
-            prefix = order[:k]
-            return [n for n in prefix if n not in tokenwise_ok], [
-                n for n in prefix if n in tokenwise_ok
+        def cheapest(nodes: list[str]) -> tuple[list[str], list[str]]:
+            """(fp32, token-wise): each node's cheapest fix."""
+            return [n for n in nodes if n not in tokenwise_ok], [
+                n for n in nodes if n in tokenwise_ok
             ]
 
         # 1. cheapest fix for a prefix (fp32 only where token-wise is not possible)
         n_max = len(order)
-        while n_max > 0 and len(cheapest(n_max)[0]) > limit:
+        while n_max > 0 and len(cheapest(order[:n_max])[0]) > limit:
             n_max -= 1
-        if _smallest(lambda k: check(*cheapest(k)), 1, n_max, deadline) is not None:
+        if _smallest(lambda k: check(*cheapest(order[:k])), 1, n_max, deadline) is not None:
             return best
         # 2. the shortest fp32 prefix, the rest per-tensor int8: the search recovery did before
         # token-wise existed, so nothing that passed then fails now. (Not "every node token-wise
@@ -408,9 +408,8 @@ class MixedPrecision(OptimizationPass):
         # 3. hand that fp32 set's tail to token-wise: the shortest fp32 prefix j that still passes
         # with the eligible nodes of order[j:k_fp32] token-wise (ineligible ones stay fp32)
         def shrink(j: int) -> tuple[list[str], list[str]]:
-            tail = order[j:k_fp32]
-            keep = [n for n in tail if n not in tokenwise_ok]
-            return order[:j] + keep, [n for n in tail if n in tokenwise_ok]
+            fp32, tokenwise = cheapest(order[j:k_fp32])
+            return order[:j] + fp32, tokenwise
 
         _smallest(lambda j: check(*shrink(j)), 0, k_fp32 - 1, deadline)
         return best

@@ -30,7 +30,8 @@ def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarra
 
 
 def _two_readers(opset: int, features: int = 24) -> onnx.ModelProto:
-    """x -> MatMul mm_1 and MatMul mm_2 (the same activation), outputs y1 and y2."""
+    """x -> MatMul mm_1 and MatMul mm_2 (the same activation), outputs y1 and y2. Below opset 13
+    the weights are also listed as graph inputs, as old exporters (IR < 4) wrote them."""
     rng = np.random.default_rng(1)
     w1 = rng.standard_normal((features, 8)).astype(np.float32)
     w2 = rng.standard_normal((features, 5)).astype(np.float32)
@@ -48,12 +49,17 @@ def _two_readers(opset: int, features: int = 24) -> onnx.ModelProto:
         ],
         initializer=[numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
     )
+    if opset < 13:
+        graph.input.extend(
+            helper.make_tensor_value_info(n, TensorProto.FLOAT, list(w.shape))
+            for n, w in (("w1", w1), ("w2", w2))
+        )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
+    model.ir_version = 8 if opset >= 13 else 6
     return model
 
 
-@pytest.mark.parametrize("opset", [17, 18])
+@pytest.mark.parametrize("opset", [11, 13, 17, 18])
 def test_tokenwise_matches_fp32_per_row_and_shares_one_quantization(opset: int):
     # setup: rows of very different ranges, one all-zero row (1e4 apart: per-tensor int8 would
     # round the small rows to nothing)
@@ -73,6 +79,7 @@ def test_tokenwise_matches_fp32_per_row_and_shares_one_quantization(opset: int):
     assert ops.count("QuantizeLinear") == 1 and ops.count("MatMulIntegerToFloat") == 2
     assert "MatMul" not in ops
     assert {i.name for i in model.graph.initializer}.isdisjoint({"w1", "w2"})
+    assert [i.name for i in model.graph.input] == ["x"]  # no weight left to feed
     for g, w in zip(got, want, strict=True):
         assert np.isfinite(g).all()
         assert np.all(g[1, 2] == 0.0)  # the zero row stays exactly zero
